@@ -1,0 +1,195 @@
+"""Commands only: parse, call, print, exit code (0 ok, 1 failed and rolled back, 2 bad usage, 3 attention)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Iterable
+from typing import Any, NoReturn
+
+import click
+
+from rotator import config as config_module
+from rotator import log
+from rotator.config import Config
+from rotator.credentials import short_key_id
+from rotator.engine import Outcome, Result
+from rotator.errors import ConfigError, RotatorError
+from rotator.fleet import Fleet, UserStatus, iam_policy
+
+
+class _Context:
+    def __init__(self, config_path: str | None, debug: bool) -> None:
+        self.config_path = config_path
+        self.debug = debug
+
+    def config(self) -> Config:
+        if not self.config_path:
+            raise ConfigError("--config: no config file given (use --config FILE or set ROTATOR_CONFIG)")
+        return config_module.load(self.config_path)
+
+
+def _fail(error: BaseException, debug: bool) -> NoReturn:
+    if isinstance(error, RotatorError):
+        click.echo(log.redact(f"error: {error}"), err=True)
+        sys.exit(error.exit_code)
+    log.get().error("unexpected error", error=type(error).__name__, exc_info=debug)
+    click.echo(f"unexpected error: {type(error).__name__}" + ("" if debug else " (run with --debug for details)"),
+               err=True)
+    if debug:
+        click.echo(log.redact(traceback.format_exc()), err=True)
+    sys.exit(1)
+
+
+class _Group(click.Group):
+    """Turns rotator's errors into one line and the documented exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # every error ends here, known ones as one line
+            debug = isinstance(ctx.obj, _Context) and ctx.obj.debug
+            _fail(exc, debug)
+
+
+@click.group(cls=_Group)
+@click.option("--config", "config_path", envvar="ROTATOR_CONFIG", metavar="FILE",
+              help="Config file (default: $ROTATOR_CONFIG).")
+@click.option("--debug", is_flag=True, help="Debug logs and tracebacks of unexpected errors.")
+@click.version_option(package_name="rotator")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, debug: bool) -> None:
+    """Rotate AWS IAM access keys without breaking the programs that use them."""
+    log.configure(debug=debug)
+    ctx.obj = _Context(config_path, debug)
+
+
+@cli.command()
+@click.option("--user", "user_name", required=True, help="IAM user (as named in the config).")
+@click.option("--dry-run", is_flag=True, help="Print what would happen; change nothing.")
+@click.pass_obj
+def rotate(obj: _Context, user_name: str, dry_run: bool) -> None:
+    """Rotate one user's access key now."""
+    config = obj.config()
+    user = config.user(user_name)
+    outcome = Fleet(config).rotation(user).rotate(force=True, dry_run=dry_run)
+    _print_outcome(outcome)
+
+
+@cli.command()
+@click.option("--user", "user_name", help="Only this user (default: every configured user).")
+@click.option("--force", is_flag=True, help="Recover even if the rotation looks like it is still running elsewhere.")
+@click.option("--dry-run", is_flag=True, help="Print what would happen; change nothing.")
+@click.pass_obj
+def recover(obj: _Context, user_name: str | None, force: bool, dry_run: bool) -> None:
+    """Finish or undo interrupted rotations and delete retired keys whose grace has passed."""
+    config = obj.config()
+    users = [config.user(user_name)] if user_name else config.users
+    fleet = Fleet(config)
+    worst = 0
+    for user in users:
+        try:
+            _print_outcome(fleet.rotation(user).recover(force=force, dry_run=dry_run))
+        except RotatorError as exc:  # one user's failure does not stop the others
+            click.echo(log.redact(f"error: {exc}"), err=True)
+            worst = max(worst, exc.exit_code)
+    sys.exit(worst)
+
+
+@cli.command()
+@click.option("--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.pass_obj
+def status(obj: _Context, output: str) -> None:
+    """Each user's keys, their ages, when a rotation is due, and interrupted rotations."""
+    config = obj.config()
+    fleet = Fleet(config)
+    rows: list[UserStatus] = []
+    errors: dict[str, str] = {}
+    for user in config.users:
+        try:
+            rows.append(fleet.status(user))
+        except RotatorError as exc:
+            errors[user.name] = str(exc)
+    if output == "json":
+        payload = [r.as_dict() for r in rows] + [{"user": u, "error": e} for u, e in errors.items()]
+        click.echo(json.dumps(payload, indent=2))
+    else:
+        click.echo("\n".join(_status_lines(rows)))
+        for user_name, error in errors.items():
+            click.echo(f"{user_name}: error: {error}", err=True)
+    sys.exit(1 if errors else 0)
+
+
+@cli.command("check-config")
+@click.option("--connect", is_flag=True, help="Also reach IAM and read every sink.")
+@click.pass_obj
+def check_config(obj: _Context, connect: bool) -> None:
+    """Validate the config (and with --connect, reach IAM and every sink)."""
+    config = obj.config()
+    fleet = Fleet(config)
+    rotations = [(user, fleet.rotation(user)) for user in config.users]
+    sinks = sum(len(user.sinks) for user in config.users)
+    click.echo(f"config ok: {len(config.users)} user(s), {sinks} sink(s)")
+    if not connect:
+        return
+    failed = False
+    for user, rotation in rotations:
+        checks: list[tuple[str, Any]] = [("iam", lambda u=user: fleet.iam.list_keys(u.name))]
+        checks += [(sink.name, sink.read) for sink in rotation.sinks]
+        for name, check in checks:
+            try:
+                check()
+            except RotatorError as exc:
+                failed = True
+                click.echo(log.redact(f"{user.name}: {name}: FAILED: {exc}"))
+            else:
+                click.echo(f"{user.name}: {name}: ok")
+    sys.exit(1 if failed else 0)
+
+
+@cli.command()
+@click.pass_obj
+def permissions(obj: _Context) -> None:
+    """Print the least IAM policy rotator needs for the configured users."""
+    config = obj.config()
+    click.echo(json.dumps(iam_policy(config), indent=2))
+    fleet = Fleet(config)
+    for user in config.users:
+        for sink in fleet.rotation(user).sinks:
+            for need in sink.permissions():
+                click.echo(f"# {user.name}: {sink.name}: {need}", err=True)
+
+
+def _print_outcome(outcome: Outcome) -> None:
+    prefix = "dry run: " if outcome.result is Result.DRY_RUN else ""
+    click.echo(f"{prefix}{outcome.user}: {outcome.result.value}: {outcome.summary}")
+    for action in outcome.actions:
+        click.echo(f"  - {action}")
+
+
+def _status_lines(rows: Iterable[UserStatus]) -> list[str]:
+    lines = [f"{'USER':<20} {'KEY':<12} {'STATUS':<9} {'AGE':>5}  NOTE"]
+    for row in rows:
+        due = "due now" if row.due else (f"due {row.due_at:%Y-%m-%d}" if row.due_at else "")
+        if not row.keys:
+            lines.append(f"{row.user:<20} {'-':<12} {'-':<9} {'-':>5}  no keys; {due}")
+        for index, key in enumerate(row.keys):
+            note = due if key.active else (
+                f"retired; delete after {key.retired_until:%Y-%m-%d %H:%M}" if key.retired_until else "inactive")
+            name = row.user if index == 0 else ""
+            status_text = "Active" if key.active else "Inactive"
+            lines.append(f"{name:<20} {short_key_id(key.key_id):<12} {status_text:<9} {key.age_days:>4}d  {note}")
+        if row.interrupted:
+            pending = row.interrupted
+            lines.append(f"{'':<20} interrupted rotation: phase {pending.phase.value}, new key "
+                         f"{short_key_id(pending.new_key)}, started {pending.started:%Y-%m-%d %H:%M} by "
+                         f"{pending.owner} (rotator recover --user {row.user})")
+        lines.extend(f"{'':<20} note: {note}" for note in row.notes)
+    return lines
+
+
+def main() -> None:
+    cli(prog_name="rotator")

@@ -1,0 +1,278 @@
+"""YAML config -> validated, immutable models. Every error names its path (``users[0].sinks[1].path``).
+
+Sink and probe entries are validated by the model their ``type`` registers (see ``registry``), so a
+third-party sink brings its own schema. ``${VAR}`` in any string is replaced from the environment
+(``$${`` keeps a literal ``${``); a missing variable is an error at that path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    InstanceOf,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from rotator.errors import ConfigError
+
+_DURATION_PART = re.compile(r"(\d+)([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_ENV_REF = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_IAM_USER_NAME = re.compile(r"^[\w+=,.@-]{1,64}$")
+
+
+def parse_duration(value: object) -> timedelta:
+    """``90d``, ``24h``, ``1h30m``, ``0s`` (or a number of seconds) -> timedelta."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text and _DURATION_PART.sub("", text) == "":
+            return timedelta(
+                seconds=sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
+            )
+    raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 15m, 24h, 90d, 1h30m)")
+
+
+def format_duration(value: timedelta) -> str:
+    seconds = int(value.total_seconds())
+    for unit in ("w", "d", "h", "m"):
+        size = _UNIT_SECONDS[unit]
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AwsConfig(Model):
+    region: str | None = None
+    """AWS region for IAM/STS calls; the standard chain (AWS_REGION, profile) applies when unset."""
+    endpoint_url: str | None = None
+    """Send IAM and STS calls here (a proxy, LocalStack, moto). AWS_ENDPOINT_URL also works."""
+
+
+class RotationSettings(Model):
+    """The knobs of one rotation; ``defaults`` sets them for all users, a user may override any."""
+
+    max_key_age: Duration = timedelta(days=90)
+    """A user is due when its active key is older than this."""
+    delete_after: Duration = timedelta(0)
+    """Grace between deactivating the old key and deleting it (0s deletes at once)."""
+    propagation_timeout: Duration = timedelta(seconds=120)
+    """How long to wait for a new key to be accepted by STS before giving up (and rolling back)."""
+    propagation_successes: int = Field(default=3, ge=1, le=50)
+    """Consecutive STS successes required before a new key counts as usable (early answers flap)."""
+    propagation_interval: Duration = timedelta(seconds=2)
+    """Pause between STS checks; after a failure it grows (x2) up to 8 times this."""
+
+
+class SinkConfig(Model):
+    """Base of every sink's config model; subclasses fix ``type`` to their registered name."""
+
+    type: str
+
+
+class ProbeConfig(Model):
+    """Base of every probe's config model."""
+
+    type: str
+
+
+class UserConfig(Model):
+    name: str
+    sinks: list[InstanceOf[SinkConfig]] = Field(min_length=1)
+    probes: list[InstanceOf[ProbeConfig]] = Field(default_factory=list)
+    """Checks run with the new key after the STS check (which always runs first)."""
+    max_key_age: Duration | None = None
+    delete_after: Duration | None = None
+    propagation_timeout: Duration | None = None
+    propagation_successes: int | None = Field(default=None, ge=1, le=50)
+    propagation_interval: Duration | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _iam_user_name(cls, value: str) -> str:
+        if not _IAM_USER_NAME.match(value):
+            raise ValueError("not a valid IAM user name (1-64 of letters, digits and +=,.@_-)")
+        return value
+
+
+class ServiceConfig(Model):
+    """Settings of `rotator run` (the long-running service)."""
+
+    schedule: str | None = "0 3 * * *"
+    interval: Duration | None = None
+    listen: str = "127.0.0.1:9090"
+    concurrency: int = Field(default=4, ge=1, le=64)
+
+
+class Config(Model):
+    aws: AwsConfig = AwsConfig()
+    defaults: RotationSettings = RotationSettings()
+    service: ServiceConfig = ServiceConfig()
+    users: list[UserConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_user_names(self) -> Config:
+        seen: set[str] = set()
+        for user in self.users:
+            if user.name in seen:
+                raise ValueError(f"user {user.name!r} is listed twice")
+            seen.add(user.name)
+        return self
+
+    def user(self, name: str) -> UserConfig:
+        for user in self.users:
+            if user.name == name:
+                return user
+        known = ", ".join(u.name for u in self.users)
+        raise ConfigError(f"--user: no user named {name!r} in the config (configured: {known})")
+
+    def settings_for(self, user: UserConfig) -> RotationSettings:
+        overrides = {
+            field: getattr(user, field)
+            for field in RotationSettings.model_fields
+            if getattr(user, field) is not None
+        }
+        return self.defaults.model_copy(update=overrides)
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _format(error: ValidationError, prefix: tuple[int | str, ...] = ()) -> list[str]:
+    lines = []
+    for item in error.errors(include_url=False, include_input=False):
+        loc = prefix + tuple(p for p in item["loc"] if not str(p).startswith("function-"))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{_path(loc)}: {message}")
+    return lines
+
+
+def _interpolate(value: Any, loc: tuple[int | str, ...], errors: list[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _interpolate(v, (*loc, str(k)), errors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, (*loc, i), errors) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$${":
+            return "${"
+        name = match.group(1)
+        if name not in os.environ:
+            errors.append(f"{_path(loc)}: environment variable {name} is not set")
+            return ""
+        return os.environ[name]
+
+    return _ENV_REF.sub(substitute, value)
+
+
+def _typed_entries(
+    raw: Any,
+    loc: tuple[int | str, ...],
+    models: Mapping[str, type[BaseModel]],
+    kind: str,
+    errors: list[str],
+) -> Any:
+    """Validate each ``{type: ...}`` entry with the model its type registers."""
+    if not isinstance(raw, list):
+        return raw  # the outer model reports the wrong type
+    typed = []
+    for index, entry in enumerate(raw):
+        here = (*loc, index)
+        if not isinstance(entry, dict) or "type" not in entry:
+            errors.append(f"{_path(here)}: a {kind} needs a 'type' (one of: {', '.join(sorted(models))})")
+            continue
+        model = models.get(entry["type"])
+        if model is None:
+            errors.append(
+                f"{_path((*here, 'type'))}: unknown {kind} type {entry['type']!r} "
+                f"(one of: {', '.join(sorted(models))})"
+            )
+            continue
+        try:
+            typed.append(model.model_validate(entry))
+        except ValidationError as exc:
+            errors.extend(_format(exc, here))
+    return typed
+
+
+def parse(
+    data: Any,
+    sink_models: Mapping[str, type[SinkConfig]],
+    probe_models: Mapping[str, type[ProbeConfig]],
+) -> Config:
+    """Validate already-loaded YAML data; raise ConfigError listing every problem with its path."""
+    if not isinstance(data, dict):
+        raise ConfigError("config: the top level must be a mapping with at least 'users'")
+    errors: list[str] = []
+    data = _interpolate(data, (), errors)
+    users = data.get("users")
+    if isinstance(users, list):
+        for index, user in enumerate(users):
+            if not isinstance(user, dict):
+                continue
+            user["sinks"] = _typed_entries(user.get("sinks"), ("users", index, "sinks"), sink_models,
+                                           "sink", errors)
+            if "probes" in user:
+                user["probes"] = _typed_entries(user["probes"], ("users", index, "probes"), probe_models,
+                                                "probe", errors)
+    config: Config | None = None
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        for line in _format(exc):
+            # an entry rejected above leaves its list short; that is not a second problem to report
+            path = line.split(": ", 1)[0]
+            if not any(e.startswith(path + "[") for e in errors):
+                errors.append(line)
+    if errors or config is None:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(dict.fromkeys(errors)))
+    return config
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a config file with every registered sink and probe type."""
+    from rotator import registry  # late: sinks and probes import this module for their base models
+
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {file}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{file}: not valid YAML{where}") from None
+    return parse(data, registry.sink_models(), registry.probe_models())

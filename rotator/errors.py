@@ -1,0 +1,72 @@
+"""rotator's one exception tree.
+
+Every error rotator raises on purpose is a ``RotatorError``; anything else is a bug and is reported as
+"unexpected error". Each class carries the exit code the CLI uses for it (see DESIGN.md)::
+
+    RotatorError                     exit 1  (base; never raised bare)
+    ├── ConfigError                  exit 2  bad config or usage; nothing was touched
+    ├── DependencyError              exit 1  a dependency failed (names what and which user)
+    │   ├── IamError                 IAM/STS call failed (botocore errors are wrapped here)
+    │   ├── SinkError                a sink could not be read/written/rolled back
+    │   └── ProbeError               a health check failed with the new key
+    ├── RefusedError                 exit 1  the engine will not act (two active keys, foreign
+    │                                        inactive key, another rotator holds the user); nothing changed
+    ├── RotationFailed               exit 1  a rotation failed and was rolled back safely
+    ├── NeedsAttention               exit 3  a rotation failed and the rollback is incomplete, or a
+    │                                        rotation stopped half-way; `rotator recover` finishes it
+    └── Interrupted                  exit 1  SIGTERM/SIGHUP/SIGINT arrived; raised so cleanup runs
+
+Messages never contain a secret: they name the user, the sink, the key id and the operation.
+"""
+
+from __future__ import annotations
+
+
+class RotatorError(Exception):
+    """Base of every error rotator raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(RotatorError):
+    """Config file or command-line usage is invalid. Raised before anything is touched."""
+
+    exit_code = 2
+
+
+class DependencyError(RotatorError):
+    """Something rotator depends on (IAM, STS, a sink, a probe target) failed."""
+
+
+class IamError(DependencyError):
+    """An IAM or STS call failed."""
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class SinkError(DependencyError):
+    """A sink could not be read, written or rolled back."""
+
+
+class ProbeError(DependencyError):
+    """A probe found that the application does not work with the new key."""
+
+
+class RefusedError(RotatorError):
+    """The engine refuses to act on this user; nothing was changed."""
+
+
+class RotationFailed(RotatorError):
+    """A rotation failed and every change was undone."""
+
+
+class NeedsAttention(RotatorError):
+    """A rotation failed and could not be fully undone, or stopped half-way."""
+
+    exit_code = 3
+
+
+class Interrupted(RotatorError):
+    """A termination signal arrived; raised in the main thread so rollback runs."""

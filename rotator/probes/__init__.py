@@ -1,0 +1,1 @@
+"""Probes: checks that the application works with the new key before the old one is touched."""

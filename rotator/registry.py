@@ -1,0 +1,60 @@
+"""Sink and probe types by name: the built-in ones, plus third-party ones from entry points.
+
+Third-party packages register a sink under the ``rotator.sinks`` entry-point group and a probe under
+``rotator.probes``; the value is the class (``mypkg.sinks:MySink``).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib.metadata import entry_points
+from typing import Any
+
+from rotator.config import ProbeConfig, SinkConfig
+from rotator.errors import ConfigError
+from rotator.probes.base import Probe
+from rotator.probes.http import HttpProbe
+from rotator.probes.sts import StsProbe
+from rotator.sinks.base import Sink
+from rotator.sinks.credentials_file import CredentialsFileSink
+
+_BUILTIN_SINKS: tuple[type[Sink[Any]], ...] = (CredentialsFileSink,)
+_BUILTIN_PROBES: tuple[type[Probe[Any]], ...] = (StsProbe, HttpProbe)
+
+
+def _with_plugins(builtin: tuple[type[Any], ...], group: str, base: type[Any]) -> dict[str, type[Any]]:
+    found = {cls.type_name: cls for cls in builtin}
+    for entry in entry_points(group=group):
+        if entry.name in found:
+            continue  # built-ins (also listed in our own entry points) win over same-named plugins
+        cls = entry.load()
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise ConfigError(f"entry point {group}:{entry.name} is not a {base.__name__} subclass")
+        found[entry.name] = cls
+    return found
+
+
+@cache
+def sinks() -> dict[str, type[Sink[Any]]]:
+    return _with_plugins(_BUILTIN_SINKS, "rotator.sinks", Sink)
+
+
+@cache
+def probes() -> dict[str, type[Probe[Any]]]:
+    return _with_plugins(_BUILTIN_PROBES, "rotator.probes", Probe)
+
+
+def sink_models() -> dict[str, type[SinkConfig]]:
+    return {name: cls.config_model for name, cls in sinks().items()}
+
+
+def probe_models() -> dict[str, type[ProbeConfig]]:
+    return {name: cls.config_model for name, cls in probes().items()}
+
+
+def make_sink(config: SinkConfig, user: str) -> Sink[Any]:
+    return sinks()[config.type](config, user)
+
+
+def make_probe(config: ProbeConfig, user: str) -> Probe[Any]:
+    return probes()[config.type](config, user)

@@ -1,0 +1,136 @@
+"""Shared fixtures: moto's server (auth on) behind a fault-injecting proxy, an IAM user, its credentials
+file, a config writer and a CLI runner. Every rotator under test reaches AWS only through the proxy, via
+AWS_ENDPOINT_URL, exactly as it would reach a real endpoint."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+
+from rotator.cli import cli
+from tests.fakes.aws_proxy import AwsProxy
+from tests.fakes.moto_aws import Aws, MotoServer
+
+OTHER_PROFILE_SECRET = "CANARY-OTHER-PROFILE-SECRET-0123456789abcdef"
+CREDENTIALS_TEXT = """# managed by hand; rotator must keep this comment
+[default]
+aws_access_key_id = AKIAIOSFODNN7EXAMPLE
+aws_secret_access_key = {other}
+region = eu-west-1
+
+[app]
+# the app's key
+aws_access_key_id = {key_id}
+aws_secret_access_key = {secret}
+region = us-east-1
+"""
+
+# Fast but real propagation settings: every rotation still waits for consecutive STS successes.
+FAST = {"propagation_timeout": "10s", "propagation_interval": "0s", "propagation_successes": 2}
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    server = MotoServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def proxy(moto_server: MotoServer) -> Iterator[AwsProxy]:
+    fault_proxy = AwsProxy(moto_server.url)
+    yield fault_proxy
+    fault_proxy.stop()
+
+
+@pytest.fixture
+def aws(moto_server: MotoServer, proxy: AwsProxy, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Aws:
+    """A fresh moto account; rotator reaches it through the proxy with the admin key."""
+    proxy.reset()
+    account = moto_server.fresh_account()
+    for name, value in account.env(proxy.url).items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    return account
+
+
+@dataclass
+class AppUser:
+    name: str
+    key_id: str
+    secret: str
+    credentials_file: Path
+
+
+@pytest.fixture
+def app(aws: Aws, tmp_path: Path) -> AppUser:
+    """IAM user `app` with one active key, which its credentials file (profile `app`) holds."""
+    [(key_id, secret)] = aws.create_user("app")
+    path = tmp_path / "home" / ".aws" / "credentials"
+    path.parent.mkdir(parents=True)
+    path.write_text(CREDENTIALS_TEXT.format(other=OTHER_PROFILE_SECRET, key_id=key_id, secret=secret))
+    path.chmod(0o644)
+    return AppUser("app", key_id, secret, path)
+
+
+ConfigWriter = Callable[..., Path]
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> ConfigWriter:
+    def write(users: list[dict[str, Any]], **defaults: Any) -> Path:
+        path = tmp_path / "rotator.yaml"
+        path.write_text(yaml.safe_dump({"defaults": {**FAST, **defaults}, "users": users}))
+        return path
+
+    return write
+
+
+def file_sink(user: AppUser) -> dict[str, Any]:
+    return {"type": "credentials_file", "path": str(user.credentials_file), "profile": user.name}
+
+
+@pytest.fixture
+def app_config(app: AppUser, write_config: ConfigWriter) -> Path:
+    return write_config([{"name": "app", "sinks": [file_sink(app)]}])
+
+
+def run(*args: str | Path) -> Result:
+    """The CLI in-process, as a user would call it; stdout and stderr kept apart."""
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def spawn(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """rotator as a separate process (for kill and signal tests)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "rotator", *map(str, args)],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def read_profile(path: Path, profile: str) -> tuple[str | None, str | None]:
+    """(key id, secret) of a profile, parsed independently of rotator's own code."""
+    import configparser
+
+    parser = configparser.ConfigParser()
+    parser.read(path)
+    if not parser.has_section(profile):
+        return None, None
+    return parser.get(profile, "aws_access_key_id", fallback=None), parser.get(
+        profile, "aws_secret_access_key", fallback=None
+    )

@@ -1,0 +1,184 @@
+"""A fault-injecting HTTP proxy in front of moto's server: AWS as rotator meets it in production.
+
+moto answers at once and never flaps; real IAM keys take seconds to work and STS may say yes, then no.
+The proxy forwards every request to moto and, by rules the test sets, rejects, throttles or holds
+requests. Requests are IAM/STS query-protocol POSTs, so the action and the signing key are visible:
+``Action=...`` in the form body and ``Credential=AKIA.../`` in the Authorization header.
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+_CREDENTIAL = re.compile(r"Credential=([A-Z0-9]{16,128})/")
+_NEW_KEY = re.compile(r"<AccessKeyId>([A-Z0-9]+)</AccessKeyId>")
+
+
+@dataclass(frozen=True)
+class Call:
+    action: str
+    access_key: str | None
+    params: dict[str, str]
+    body: str
+
+
+@dataclass
+class Reply:
+    """What a rule does with a request: forward it (None), or answer with an AWS error."""
+
+    status: int
+    code: str
+    message: str
+
+
+INVALID_TOKEN = Reply(403, "InvalidClientTokenId", "The security token included in the request is invalid.")
+THROTTLED = Reply(400, "Throttling", "Rate exceeded")
+
+Rule = Callable[[Call], Reply | None]
+
+
+@dataclass
+class Hold:
+    """Holds requests that match until released; ``arrived`` is set when the first one comes."""
+
+    match: Callable[[Call], bool]
+    arrived: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+
+
+class AwsProxy:
+    def __init__(self, upstream: str) -> None:
+        parsed = urllib.parse.urlsplit(upstream)
+        self.upstream_host = parsed.hostname or "127.0.0.1"
+        self.upstream_port = parsed.port or 80
+        self.rules: list[Rule] = []
+        self.holds: list[Hold] = []
+        self.calls: list[Call] = []
+        self.created_at: dict[str, float] = {}  # key id -> when CreateAccessKey returned it
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                proxy._handle(self)
+
+            def do_GET(self) -> None:
+                proxy._handle(self)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def reset(self) -> None:
+        for hold in self.holds:
+            hold.release.set()
+        with self._lock:
+            self.rules.clear()
+            self.holds.clear()
+            self.calls.clear()
+            self.created_at.clear()
+
+    def stop(self) -> None:
+        self.reset()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def hold(self, match: Callable[[Call], bool]) -> Hold:
+        hold = Hold(match)
+        self.holds.append(hold)
+        return hold
+
+    def age_of(self, key_id: str | None) -> float | None:
+        created = self.created_at.get(key_id or "")
+        return None if created is None else time.monotonic() - created
+
+    def actions(self) -> list[str]:
+        return [c.action for c in self.calls]
+
+    def _handle(self, handler: BaseHTTPRequestHandler) -> None:
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length) if length else b""
+        text = body.decode("utf-8", "replace")
+        params = {k: v[0] for k, v in urllib.parse.parse_qs(text).items()}
+        found = _CREDENTIAL.search(handler.headers.get("Authorization", ""))
+        call = Call(params.get("Action", ""), found.group(1) if found else None, params, text)
+        with self._lock:
+            self.calls.append(call)
+        for hold in list(self.holds):
+            if hold.match(call):
+                hold.arrived.set()
+                hold.release.wait(timeout=120)
+        for rule in list(self.rules):
+            reply = rule(call)
+            if reply is not None:
+                self._send_error(handler, reply)
+                return
+        self._forward(handler, body)
+
+    def _forward(self, handler: BaseHTTPRequestHandler, body: bytes) -> None:
+        connection = http.client.HTTPConnection(self.upstream_host, self.upstream_port, timeout=60)
+        headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("connection",)}
+        connection.request(handler.command, handler.path, body=body, headers=headers)
+        response = connection.getresponse()
+        payload = response.read()
+        connection.close()
+        if b"<CreateAccessKeyResult>" in payload and (match := _NEW_KEY.search(payload.decode())):
+            self.created_at[match.group(1)] = time.monotonic()
+        handler.send_response(response.status)
+        for key, value in response.getheaders():
+            if key.lower() not in ("content-length", "connection", "transfer-encoding", "server", "date"):
+                handler.send_header(key, value)
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.end_headers()
+        handler.wfile.write(payload)
+
+    @staticmethod
+    def _send_error(handler: BaseHTTPRequestHandler, reply: Reply) -> None:
+        payload = (
+            '<ErrorResponse xmlns="https://iam.amazonaws.com/doc/2010-05-08/"><Error><Type>Sender</Type>'
+            f"<Code>{reply.code}</Code><Message>{reply.message}</Message></Error>"
+            "<RequestId>00000000-0000-0000-0000-000000000000</RequestId></ErrorResponse>"
+        ).encode()
+        handler.send_response(reply.status)
+        handler.send_header("Content-Type", "text/xml")
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.end_headers()
+        handler.wfile.write(payload)
+
+
+def propagation_delay(proxy: AwsProxy, seconds: float, *, admin_key: str) -> Rule:
+    """STS rejects a key until ``seconds`` after IAM created it, as real IAM does while it propagates."""
+
+    def rule(call: Call) -> Reply | None:
+        if call.action != "GetCallerIdentity" or call.access_key in (None, admin_key):
+            return None
+        age = proxy.age_of(call.access_key)
+        return INVALID_TOKEN if age is not None and age < seconds else None
+
+    return rule
+
+
+def flapping(answers: list[bool], *, admin_key: str) -> Rule:
+    """STS answers for non-admin keys follow ``answers`` (True: accept), then accept."""
+    remaining = list(answers)
+
+    def rule(call: Call) -> Reply | None:
+        if call.action != "GetCallerIdentity" or call.access_key in (None, admin_key) or not remaining:
+            return None
+        return None if remaining.pop(0) else INVALID_TOKEN
+
+    return rule

@@ -1,0 +1,118 @@
+"""The Sink contract, checked for every registered sink type (built-in and entry-point plugins).
+
+Each sink type needs two factories here: one that builds a working sink for user "app" and one whose
+write must fail. A registered sink without them fails ``test_every_registered_sink_has_factories``.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import string
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rotator import registry
+from rotator.config import SinkConfig
+from rotator.credentials import Credentials, Secret
+from rotator.errors import SinkError
+from rotator.sinks.base import Receipt, Sink
+from rotator.sinks.credentials_file import CredentialsFileSink, CredentialsFileSinkConfig
+
+USER = "app"
+SinkFactory = Callable[[Path], Sink[Any]]
+
+
+def _credentials_file(tmp_path: Path) -> Sink[Any]:
+    config = CredentialsFileSinkConfig(
+        type="credentials_file", path=str(tmp_path / "aws" / "credentials"), profile="app"
+    )
+    return CredentialsFileSink(config, USER)
+
+
+def _credentials_file_at_a_directory(tmp_path: Path) -> Sink[Any]:
+    (tmp_path / "credentials").mkdir()
+    config = CredentialsFileSinkConfig(type="credentials_file", path=str(tmp_path / "credentials"))
+    return CredentialsFileSink(config, USER)
+
+
+WORKING: dict[str, SinkFactory] = {
+    "credentials_file": _credentials_file,
+}
+"""type name -> a sink for user "app" that can be written to."""
+
+FAILING: dict[str, SinkFactory] = {
+    "credentials_file": _credentials_file_at_a_directory,
+}
+"""type name -> a sink for user "app" whose write fails (the failure mode each sink documents)."""
+
+SINK_TYPES = sorted(registry.sinks())
+
+
+def new_credentials() -> Credentials:
+    key_id = "AKIA" + "".join(random.choices(string.ascii_uppercase + string.digits, k=16))
+    return Credentials(key_id, Secret("CANARY-SECRET-" + secrets.token_hex(13)))
+
+
+def build(factories: dict[str, SinkFactory], type_name: str, tmp_path: Path) -> Sink[Any]:
+    if type_name not in factories:
+        pytest.fail(f"sink type {type_name!r} is registered but has no factory in {__name__}")
+    return factories[type_name](tmp_path)
+
+
+def test_every_registered_sink_has_factories() -> None:
+    assert set(SINK_TYPES) - set(WORKING) == set()
+    assert set(SINK_TYPES) - set(FAILING) == set()
+
+
+@pytest.mark.parametrize("type_name", SINK_TYPES)
+class TestSinkContract:
+    def test_is_registered_under_its_own_type_name_with_a_config_model(self, type_name: str) -> None:
+        cls = registry.sinks()[type_name]
+        assert cls.type_name == type_name
+        assert issubclass(cls.config_model, SinkConfig)
+
+    def test_write_then_rollback_from_empty_leaves_it_empty(self, type_name: str, tmp_path: Path) -> None:
+        sink = build(WORKING, type_name, tmp_path)
+        assert sink.read() is None
+        new = new_credentials()
+        receipt = sink.write(new)
+        assert isinstance(receipt, Receipt)
+        assert sink.read() == new
+        sink.rollback(receipt)
+        assert sink.read() is None
+
+    def test_write_then_rollback_over_a_key_restores_that_key(self, type_name: str, tmp_path: Path) -> None:
+        sink = build(WORKING, type_name, tmp_path)
+        old, new = new_credentials(), new_credentials()
+        sink.write(old)
+        receipt = sink.write(new)
+        assert sink.read() == new
+        sink.rollback(receipt)
+        assert sink.read() == old
+
+    def test_receipt_repr_reveals_no_secret(self, type_name: str, tmp_path: Path) -> None:
+        sink = build(WORKING, type_name, tmp_path)
+        old = new_credentials()
+        sink.write(old)
+        receipt = sink.write(new_credentials())
+        assert old.secret_access_key.reveal() not in repr(receipt)
+
+    def test_declares_the_permissions_it_needs(self, type_name: str, tmp_path: Path) -> None:
+        permissions = build(WORKING, type_name, tmp_path).permissions()
+        assert permissions
+        assert all(isinstance(p, str) and p.strip() for p in permissions)
+
+    def test_a_failing_write_names_the_sink_and_user_but_not_the_secret(self, type_name: str, tmp_path: Path) -> None:
+        sink = build(FAILING, type_name, tmp_path)
+        credentials = new_credentials()
+        with pytest.raises(SinkError) as raised:
+            sink.write(credentials)
+        message = str(raised.value)
+        assert sink.name in message
+        assert f"user {USER}" in message
+        assert credentials.secret_access_key.reveal() not in "".join(traceback.format_exception(raised.value))
