@@ -23,12 +23,11 @@ from pydantic import (
     InstanceOf,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
 from rotator.errors import ConfigError
 
-_DURATION_PART = re.compile(r"(\d+)([smhdw])")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _ENV_REF = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _IAM_USER_NAME = re.compile(r"^[\w+=,.@-]{1,64}$")
@@ -38,20 +37,23 @@ def parse_duration(value: object) -> timedelta:
     """``90d``, ``24h``, ``1h30m``, ``0s`` (or a number of seconds) -> timedelta."""
     if isinstance(value, timedelta):
         return value
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return timedelta(seconds=value)
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text and _DURATION_PART.sub("", text) == "":
-            return timedelta(
-                seconds=sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
-            )
+    try:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return timedelta(seconds=value)
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text and _DURATION_PART.sub("", text) == "":
+                return timedelta(
+                    seconds=sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
+                )
+    except OverflowError:
+        raise ValueError(f"duration too long: {value!r}") from None
     raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 15m, 24h, 90d, 1h30m)")
 
 
 def format_duration(value: timedelta) -> str:
     seconds = int(value.total_seconds())
-    for unit in ("w", "d", "h", "m"):
+    for unit in ("d", "h", "m"):
         size = _UNIT_SECONDS[unit]
         if seconds and seconds % size == 0:
             return f"{seconds // size}{unit}"
@@ -133,14 +135,15 @@ class Config(Model):
     service: ServiceConfig = ServiceConfig()
     users: list[UserConfig] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _unique_user_names(self) -> Config:
+    @field_validator("users")
+    @classmethod
+    def _unique_user_names(cls, users: list[UserConfig]) -> list[UserConfig]:
         seen: set[str] = set()
-        for user in self.users:
+        for user in users:
             if user.name in seen:
                 raise ValueError(f"user {user.name!r} is listed twice")
             seen.add(user.name)
-        return self
+        return users
 
     def user(self, name: str) -> UserConfig:
         for user in self.users:
@@ -212,7 +215,7 @@ def _typed_entries(
         if not isinstance(entry, dict) or "type" not in entry:
             errors.append(f"{_path(here)}: a {kind} needs a 'type' (one of: {', '.join(sorted(models))})")
             continue
-        model = models.get(entry["type"])
+        model = models.get(entry["type"]) if isinstance(entry["type"], str) else None
         if model is None:
             errors.append(
                 f"{_path((*here, 'type'))}: unknown {kind} type {entry['type']!r} "

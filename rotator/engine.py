@@ -308,7 +308,9 @@ class Rotation:
         if not old_id:
             return f"created {new_id} (the user had no active key)"
         grace = self.settings.delete_after
-        fate = "deleted" if not grace else f"deactivated; deleted after {format_duration(grace)}"
+        fate = "deleted" if not grace else (
+            f"deactivated; deleted after {format_duration(grace)} ({state.format_time(self.now() + grace)}), "
+            "by the first rotator run after that")
         return f"{old_id} -> {new_id}; old key {fate}"
 
     # -- recovery ---------------------------------------------------------------------------------
@@ -376,8 +378,17 @@ class Rotation:
     # -- small steps ------------------------------------------------------------------------------
 
     def _delete_unheld(self, key_id: str) -> None:
-        """Delete a key rotator created, after checking that no sink holds it (invariant 1)."""
-        for sink, held in zip(self.sinks, self._read_sinks(), strict=True):
+        """Delete a key rotator created, after checking that no sink holds it (invariant 1).
+
+        A sink that cannot be read cannot hand the key to a consumer either, so it does not keep the key
+        alive (a key whose secret is nowhere is never kept, invariant 2); a readable one that holds it does.
+        """
+        for sink in self.sinks:
+            try:
+                held = sink.read()
+            except SinkError as exc:
+                self._log.warning("sink unreadable while checking before delete", key_id=key_id, error=str(exc))
+                continue
             if held and held.access_key_id == key_id:
                 raise sink.error(f"still holds {key_id}; not deleting it")
         self.iam.delete_key(self.user, key_id)

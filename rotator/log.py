@@ -33,7 +33,8 @@ def register_secret(value: str) -> None:
 def redact(text: str) -> str:
     """Return ``text`` with every registered secret replaced."""
     with _known_lock:
-        secrets = list(_known_secrets)
+        # longest first: a secret that contains a shorter one must not leave its remainder behind
+        secrets = sorted(_known_secrets, key=len, reverse=True)
     for secret in secrets:
         if secret in text:
             text = text.replace(secret, REDACTED)
@@ -47,7 +48,12 @@ def _redact_value(value: Any) -> Any:
         return {k: _redact_value(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_redact_value(v) for v in value]
-    return value
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    # any other object (an exception, say) is rendered by its repr; scrub that if it would leak
+    text = repr(value)
+    cleaned = redact(text)
+    return value if cleaned == text else cleaned
 
 
 def redact_processor(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> Any:

@@ -4,6 +4,7 @@ AWS_ENDPOINT_URL, exactly as it would reach a real endpoint."""
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -33,6 +34,8 @@ aws_access_key_id = {key_id}
 aws_secret_access_key = {secret}
 region = us-east-1
 """
+
+logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request
 
 # Fast but real propagation settings: every rotation still waits for consecutive STS successes.
 FAST = {"propagation_timeout": "10s", "propagation_interval": "0s", "propagation_successes": 2}
@@ -134,3 +137,33 @@ def read_profile(path: Path, profile: str) -> tuple[str | None, str | None]:
     return parser.get(profile, "aws_access_key_id", fallback=None), parser.get(
         profile, "aws_secret_access_key", fallback=None
     )
+
+
+@pytest.fixture
+def health() -> Iterator[Any]:
+    from tests.fakes.health_server import HealthServer
+
+    server = HealthServer()
+    yield server
+    server.stop()
+
+
+def assert_invariants(aws: Aws, user: str, files: list[tuple[Path, str]]) -> None:
+    """The promise, checked from outside after any run: every sink holds an active key that works (1);
+    no key exists that no sink holds unless rotator retired it (2); at most two keys (3); no rotation is
+    left half-done (state tags cleared)."""
+    keys = aws.keys(user)
+    tags = aws.tags(user)
+    held = set()
+    for path, profile in files:
+        key_id, secret = read_profile(path, profile)
+        assert key_id is not None and secret is not None, f"{path}[{profile}] holds no key"
+        assert keys.get(key_id) == "Active", f"{path}[{profile}] holds {key_id}, which is {keys.get(key_id)}"
+        assert aws.works(key_id, secret), f"{path}[{profile}] holds a key STS rejects"
+        held.add(key_id)
+    for key_id, status in keys.items():
+        assert key_id in held or (status == "Inactive" and f"rotator:retired:{key_id}" in tags), (
+            f"key {key_id} ({status}) is in no sink and was not retired by rotator"
+        )
+    assert len(keys) <= 2
+    assert not any(t in tags for t in ("rotator:phase", "rotator:new-key")), f"rotation left half-done: {tags}"

@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 _CREDENTIAL = re.compile(r"Credential=([A-Z0-9]{16,128})/")
 _NEW_KEY = re.compile(r"<AccessKeyId>([A-Z0-9]+)</AccessKeyId>")
+_NEW_SECRET = re.compile(r"<SecretAccessKey>([^<]+)</SecretAccessKey>")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class AwsProxy:
         self.holds: list[Hold] = []
         self.calls: list[Call] = []
         self.created_at: dict[str, float] = {}  # key id -> when CreateAccessKey returned it
+        self.created_secrets: list[str] = []  # every secret AWS handed out (for leak checks)
         self._lock = threading.Lock()
         proxy = self
 
@@ -91,6 +93,7 @@ class AwsProxy:
             self.holds.clear()
             self.calls.clear()
             self.created_at.clear()
+            self.created_secrets.clear()
 
     def stop(self) -> None:
         self.reset()
@@ -138,6 +141,8 @@ class AwsProxy:
         connection.close()
         if b"<CreateAccessKeyResult>" in payload and (match := _NEW_KEY.search(payload.decode())):
             self.created_at[match.group(1)] = time.monotonic()
+            if secret := _NEW_SECRET.search(payload.decode()):
+                self.created_secrets.append(secret.group(1))
         handler.send_response(response.status)
         for key, value in response.getheaders():
             if key.lower() not in ("content-length", "connection", "transfer-encoding", "server", "date"):

@@ -13,7 +13,9 @@ from botocore.config import Config as BotoConfig
 from moto.server import ThreadedMotoServer
 
 ACCOUNT = "123456789012"
-_ADMIN_POLICY = json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]})
+_ADMIN_POLICY = json.dumps(
+    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+)
 
 
 def free_port() -> int:
