@@ -239,6 +239,8 @@ def parse(
         raise ConfigError("config: the top level must be a mapping with at least 'users'")
     errors: list[str] = []
     data = _interpolate(data, (), errors)
+    if errors:  # the emptied values would only add confusing follow-up errors
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     users = data.get("users")
     if isinstance(users, list):
         for index, user in enumerate(users):

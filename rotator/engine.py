@@ -19,7 +19,7 @@ from enum import StrEnum
 from functools import partial
 from typing import Any
 
-from rotator import log, state
+from rotator import log, shutdown, state
 from rotator.config import RotationSettings, format_duration
 from rotator.credentials import Credentials
 from rotator.errors import (
@@ -264,6 +264,7 @@ class Rotation:
         self._sts.check(credentials, ProbeContext(self.user, user_arn, self.iam))
 
     def _fail(self, exc: Exception, rollback: Rollback, old_id: str | None, new_id: str | None) -> None:
+        rollback.take_over()
         cause = str(exc) if isinstance(exc, RotatorError) else f"unexpected {type(exc).__name__}"
         self._log.error("rotation failed", error=cause, new_key=new_id, exc_info=not isinstance(exc, RotatorError))
         if new_id:
@@ -427,7 +428,9 @@ class Rotation:
     def _step(self, name: str, **fields: Any) -> Iterator[None]:
         started = time.monotonic()
         try:
+            shutdown.check()
             yield
+            shutdown.check()
         except Exception as exc:
             error = str(exc) if isinstance(exc, RotatorError) else type(exc).__name__
             self._log.error(name, step=name, outcome="failed", error=error,

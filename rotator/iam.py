@@ -17,6 +17,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
+from rotator import shutdown
 from rotator.config import AwsConfig
 from rotator.credentials import Credentials, Secret
 from rotator.errors import IamError
@@ -70,7 +71,11 @@ def session_client_factory(aws: AwsConfig) -> ClientFactory:
             kwargs["endpoint_url"] = aws.endpoint_url
         if session.region_name is None:
             kwargs["region_name"] = "us-east-1"  # IAM is global; STS answers in every region
-        return session.client(service, **kwargs)
+        client = session.client(service, **kwargs)
+        # A termination signal must stop a request or its retries, not wait for their timeouts.
+        client.meta.events.register("before-send", shutdown.check)
+        client.meta.events.register("needs-retry", shutdown.check)
+        return client
 
     return make_client
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from rotator import log
+from rotator import log, shutdown
 from rotator.errors import Interrupted
 
 _SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
@@ -40,9 +40,15 @@ class Rollback:
     def register(self, description: str, action: Callable[[], None], *, only_if_clean: bool = False) -> None:
         self._steps.append(_Undo(description, action, only_if_clean))
 
+    def take_over(self) -> None:
+        """From here on the failure is being handled: further signals are ignored, and a pending
+        termination request is considered delivered (undo must be allowed to call IAM)."""
+        self._undoing = True
+        shutdown.clear()
+
     def run(self) -> list[str]:
         """Undo everything registered, newest first; return what could not be undone."""
-        self._undoing = True
+        self.take_over()
         failures: list[str] = []
         logger = log.get()
         while self._steps:
@@ -78,6 +84,7 @@ def signals_interrupt(rollback_in_progress: Callable[[], bool]) -> Iterator[None
         if rollback_in_progress():
             log.get().warning("signal ignored while rolling back", signal=name)
             return
+        shutdown.request(name)
         raise Interrupted(f"received {name}")
 
     previous: dict[int, Any] = {s: signal.signal(s, handler) for s in _SIGNALS}
@@ -86,3 +93,4 @@ def signals_interrupt(rollback_in_progress: Callable[[], bool]) -> Iterator[None
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+        shutdown.clear()

@@ -35,6 +35,7 @@ _NONE: Final = "none"
 _TIME_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
 # A rotation owned by another host is presumed alive this long past its own propagation timeout.
 LIVE_GRACE: Final = timedelta(minutes=15)
+STRAY_WINDOW: Final = timedelta(minutes=10)
 
 
 class Phase(StrEnum):
@@ -80,8 +81,9 @@ class Pending:
             except ProcessLookupError:
                 return False
             except PermissionError:
-                return True
-            return True
+                pass
+        # Another host's rotator cannot be asked; and a live pid may be a reused one. Either way, past its
+        # own timeout plus a grace, a rotation is presumed dead.
         return now - self.started < timeout + LIVE_GRACE
 
 
@@ -170,10 +172,12 @@ def decide_recovery(
     """What to do with an interrupted rotation, given the keys in IAM and what the sinks hold."""
     existing = {k.key_id for k in keys}
     if pending.new_key is None:
-        cutoff = pending.started - timedelta(minutes=5)  # tolerate clock skew against AWS
+        # CreateAccessKey follows the intent within seconds (minutes with retries); the window allows for
+        # clock skew against AWS and keeps keys someone created much later out of reach.
+        earliest, latest = pending.started - STRAY_WINDOW, pending.started + STRAY_WINDOW
         strays = tuple(
             k.key_id for k in keys
-            if k.key_id != pending.old_key and k.key_id not in retired and k.created >= cutoff
+            if k.key_id != pending.old_key and k.key_id not in retired and earliest <= k.created <= latest
         )
         if strays:
             return RecoveryPlan(Recovery.DELETE_STRAYS, "a key was created but its id never recorded", strays)

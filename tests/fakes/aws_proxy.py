@@ -52,6 +52,8 @@ class Hold:
     match: Callable[[Call], bool]
     arrived: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
+    dropped: bool = False
+    """Released by ``drop_all``: the held request never reaches AWS (its sender was killed)."""
 
 
 class AwsProxy:
@@ -105,6 +107,13 @@ class AwsProxy:
         self.holds.append(hold)
         return hold
 
+    def drop_all(self) -> None:
+        """Release every hold without forwarding what it held, and stop holding."""
+        for hold in self.holds:
+            hold.dropped = True
+            hold.release.set()
+        self.holds.clear()
+
     def age_of(self, key_id: str | None) -> float | None:
         created = self.created_at.get(key_id or "")
         return None if created is None else time.monotonic() - created
@@ -125,6 +134,9 @@ class AwsProxy:
             if hold.match(call):
                 hold.arrived.set()
                 hold.release.wait(timeout=120)
+                if hold.dropped:
+                    handler.close_connection = True
+                    return
         for rule in list(self.rules):
             reply = rule(call)
             if reply is not None:

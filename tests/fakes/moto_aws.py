@@ -37,7 +37,7 @@ class MotoServer:
     def _post(self, path: str, data: bytes = b"") -> None:
         request = urllib.request.Request(self.url + path, data=data, method="POST",
                                          headers={"Content-Type": "text/plain"})
-        with urllib.request.urlopen(request, timeout=10):  # noqa: S310 (loopback test server)
+        with urllib.request.urlopen(request, timeout=10):
             pass
 
     def fresh_account(self) -> Aws:

@@ -141,7 +141,7 @@ class TestSecret:
     def test_repr_str_and_format_never_show_the_value(self) -> None:
         value = "SECRET-" + secrets.token_hex(16)
         secret = Secret(value)
-        for shown in (repr(secret), str(secret), f"{secret}", f"{secret!r}", "%s" % secret, "{}".format(secret)):
+        for shown in (repr(secret), str(secret), f"{secret}", f"{secret!r}", format(secret), repr([secret])):
             assert value not in shown
         assert repr(secret) == "Secret(**********)"
 

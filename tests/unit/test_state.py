@@ -64,6 +64,12 @@ class TestDecideRecoveryWhileCreating:
         assert plan.action is Recovery.FORGET
         assert FOREIGN not in plan.strays
 
+    def test_a_key_created_long_after_the_rotation_died_is_not_a_stray(self) -> None:
+        """Invariant 3: a key someone made hours after the crash is theirs, not an orphan of ours."""
+        later = key(FOREIGN, STARTED + timedelta(hours=3))
+        plan = decide_recovery(pending(Phase.CREATING, None), [OLD_KEY, later], {}, 0, 1)
+        assert plan.action is Recovery.FORGET
+
     def test_the_old_key_is_never_a_stray(self) -> None:
         """Invariant 1: the key consumers use now is never taken for an orphan, even if AWS dates it late."""
         old = key(OLD, STARTED + timedelta(seconds=1))
@@ -157,8 +163,13 @@ class TestPresumedAlive:
     def test_a_live_process_on_this_host_is_alive(self, live_pid: int) -> None:
         """Invariant 6: a rotation another local rotator is still running is left to it."""
         record = pending(Phase.PUSHING, owner=f"{socket.gethostname()}/{live_pid}")
+        assert record.presumed_alive(self.NOW, self.TIMEOUT) is True
+
+    def test_a_live_pid_long_past_the_timeout_is_presumed_reused(self, live_pid: int) -> None:
+        """Invariant 2: a pid reused by an unrelated process does not keep a dead rotation alive forever."""
+        record = pending(Phase.PUSHING, owner=f"{socket.gethostname()}/{live_pid}")
         far_later = STARTED + timedelta(days=1)
-        assert record.presumed_alive(far_later, self.TIMEOUT) is True
+        assert record.presumed_alive(far_later, self.TIMEOUT) is False
 
     def test_this_very_process_is_not_running_a_recorded_rotation(self) -> None:
         """Invariant 6: a record left by an earlier life of this pid (or by this run) is not someone else's."""
