@@ -199,8 +199,8 @@ class Rotation:
         except Exception as exc:
             self._fail(exc, rollback, old_id, new_id)
         self._retire(old_id, new_id)
-        return Outcome(self.user, Result.ROTATED, self._retired_summary(old_id, new_id), old_id, new_id,
-                       new_key_in_service=True)
+        return Outcome(self.user, Result.ROTATED, f"{self._retired_summary(old_id, new_id)} ({reason})",
+                       old_id, new_id, new_key_in_service=True)
 
     def _deploy(self, credentials: Credentials, rollback: Rollback, already_in: set[int],
                 restore: Credentials | None) -> None:
