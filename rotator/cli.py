@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import traceback
 from collections.abc import Iterable
 from typing import Any, NoReturn
 
@@ -34,11 +33,9 @@ def _fail(error: BaseException, debug: bool) -> NoReturn:
     if isinstance(error, RotatorError):
         click.echo(log.redact(f"error: {error}"), err=True)
         sys.exit(error.exit_code)
-    log.get().error("unexpected error", error=type(error).__name__, exc_info=debug)
+    log.get().debug("unexpected error", error=type(error).__name__, exc_info=error)  # shown with --debug
     click.echo(f"unexpected error: {type(error).__name__}" + ("" if debug else " (run with --debug for details)"),
                err=True)
-    if debug:
-        click.echo(log.redact(traceback.format_exc()), err=True)
     sys.exit(1)
 
 

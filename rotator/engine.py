@@ -25,7 +25,6 @@ from rotator.credentials import Credentials
 from rotator.errors import (
     IamError,
     NeedsAttention,
-    ProbeError,
     RefusedError,
     RotationFailed,
     RotatorError,
@@ -33,7 +32,7 @@ from rotator.errors import (
 )
 from rotator.iam import AccessKey, Iam
 from rotator.probes.base import Probe, ProbeContext
-from rotator.probes.sts import StsProbe, StsProbeConfig
+from rotator.probes.sts import StsProbe, StsProbeConfig, await_usable
 from rotator.rollback import Rollback, signals_interrupt
 from rotator.sinks.base import Sink
 
@@ -234,31 +233,8 @@ class Rotation:
         return restore
 
     def _await_usable(self, credentials: Credentials, user_arn: str) -> None:
-        """STS must accept the key several times in a row, within propagation_timeout."""
-        settings = self.settings
-        interval = settings.propagation_interval.total_seconds()
-        deadline = time.monotonic() + settings.propagation_timeout.total_seconds()
-        delay, successes, attempts, last_error = interval, 0, 0, "no answer"
-        while True:
-            attempts += 1
-            try:
-                self._sts_check(credentials, user_arn)
-            except ProbeError as exc:
-                successes, last_error = 0, str(exc)
-                if time.monotonic() + delay > deadline:
-                    raise ProbeError(
-                        f"new key {credentials.access_key_id} of user {self.user} was not accepted by STS "
-                        f"within {format_duration(settings.propagation_timeout)} ({attempts} checks; last: "
-                        f"{last_error})"
-                    ) from None
-                self._log.debug("await_usable", key_id=credentials.access_key_id, outcome="not yet", error=last_error)
-                time.sleep(delay)
-                delay = min(delay * 2, interval * 8)
-                continue
-            successes += 1
-            if successes >= settings.propagation_successes:
-                return
-            time.sleep(interval)
+        context = ProbeContext(self.user, user_arn, self.iam)
+        await_usable(self._sts, credentials, context, self.settings)
 
     def _sts_check(self, credentials: Credentials, user_arn: str) -> None:
         self._sts.check(credentials, ProbeContext(self.user, user_arn, self.iam))

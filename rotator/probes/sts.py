@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from typing import Literal
 
-from rotator.config import ProbeConfig
+from rotator import log
+from rotator.config import ProbeConfig, RotationSettings, format_duration
 from rotator.credentials import Credentials
-from rotator.errors import IamError
+from rotator.errors import IamError, ProbeError
 from rotator.probes.base import Probe, ProbeContext
 
 
@@ -34,3 +36,36 @@ class StsProbe(Probe[StsProbeConfig]):
 
     def permissions(self) -> list[str]:
         return []  # sts:GetCallerIdentity is always allowed
+
+
+MIN_RETRY_DELAY = 0.1  # seconds; even with propagation_interval 0s a rejected key is not hammered
+
+
+def await_usable(probe: StsProbe, credentials: Credentials, context: ProbeContext,
+                 settings: RotationSettings) -> None:
+    """New IAM keys take seconds to work and early answers flap: STS must accept the key
+    ``propagation_successes`` times in a row within ``propagation_timeout``; after a rejection the
+    pause doubles from ``propagation_interval`` up to eight times it."""
+    interval = settings.propagation_interval.total_seconds()
+    deadline = time.monotonic() + settings.propagation_timeout.total_seconds()
+    delay, successes, attempts = max(interval, MIN_RETRY_DELAY), 0, 0
+    while True:
+        attempts += 1
+        try:
+            probe.check(credentials, context)
+        except ProbeError as exc:
+            successes = 0
+            if time.monotonic() + delay > deadline:
+                raise ProbeError(
+                    f"new key {credentials.access_key_id} of user {context.user} was not accepted by STS within "
+                    f"{format_duration(settings.propagation_timeout)} ({attempts} checks; last: {exc})"
+                ) from None
+            log.get().debug("await_usable", user=context.user, key_id=credentials.access_key_id,
+                            outcome="not yet", error=str(exc))
+            time.sleep(delay)
+            delay = min(delay * 2, max(interval * 8, MIN_RETRY_DELAY))
+            continue
+        successes += 1
+        if successes >= settings.propagation_successes:
+            return
+        time.sleep(interval)
