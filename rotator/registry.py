@@ -1,6 +1,6 @@
 """Sink and probe types by name: the built-in ones, plus third-party ones from entry points.
 
-Third-party packages register a sink under the ``rotator.sinks`` entry-point group and a probe under
+Built-in types are listed here; third-party packages register a sink under the ``rotator.sinks`` entry-point group and a probe under
 ``rotator.probes``; the value is the class (``mypkg.sinks:MySink``).
 """
 

@@ -24,17 +24,18 @@ from rotator.sinks.base import Receipt, Sink
 from rotator.sinks.credentials_file import CredentialsFileSink, CredentialsFileSinkConfig
 
 USER = "app"
-SinkFactory = Callable[[Path], Sink[Any]]
+SinkFactory = Callable[[pytest.FixtureRequest, Path], Sink[Any]]
+"""(pytest request, tmp_path) -> sink. A sink that needs a server takes it with request.getfixturevalue()."""
 
 
-def _credentials_file(tmp_path: Path) -> Sink[Any]:
+def _credentials_file(_request: pytest.FixtureRequest, tmp_path: Path) -> Sink[Any]:
     config = CredentialsFileSinkConfig(
         type="credentials_file", path=str(tmp_path / "aws" / "credentials"), profile="app"
     )
     return CredentialsFileSink(config, USER)
 
 
-def _credentials_file_at_a_directory(tmp_path: Path) -> Sink[Any]:
+def _credentials_file_at_a_directory(_request: pytest.FixtureRequest, tmp_path: Path) -> Sink[Any]:
     (tmp_path / "credentials").mkdir()
     config = CredentialsFileSinkConfig(type="credentials_file", path=str(tmp_path / "credentials"))
     return CredentialsFileSink(config, USER)
@@ -58,10 +59,10 @@ def new_credentials() -> Credentials:
     return Credentials(key_id, Secret("CANARY-SECRET-" + secrets.token_hex(13)))
 
 
-def build(factories: dict[str, SinkFactory], type_name: str, tmp_path: Path) -> Sink[Any]:
+def build(factories: dict[str, SinkFactory], type_name: str, request: pytest.FixtureRequest) -> Sink[Any]:
     if type_name not in factories:
         pytest.fail(f"sink type {type_name!r} is registered but has no factory in {__name__}")
-    return factories[type_name](tmp_path)
+    return factories[type_name](request, request.getfixturevalue("tmp_path"))
 
 
 def test_every_registered_sink_has_factories() -> None:
@@ -76,8 +77,8 @@ class TestSinkContract:
         assert cls.type_name == type_name
         assert issubclass(cls.config_model, SinkConfig)
 
-    def test_write_then_rollback_from_empty_leaves_it_empty(self, type_name: str, tmp_path: Path) -> None:
-        sink = build(WORKING, type_name, tmp_path)
+    def test_write_then_rollback_from_empty_leaves_it_empty(self, type_name: str, request: pytest.FixtureRequest) -> None:
+        sink = build(WORKING, type_name, request)
         assert sink.read() is None
         new = new_credentials()
         receipt = sink.write(new)
@@ -86,8 +87,8 @@ class TestSinkContract:
         sink.rollback(receipt)
         assert sink.read() is None
 
-    def test_write_then_rollback_over_a_key_restores_that_key(self, type_name: str, tmp_path: Path) -> None:
-        sink = build(WORKING, type_name, tmp_path)
+    def test_write_then_rollback_over_a_key_restores_that_key(self, type_name: str, request: pytest.FixtureRequest) -> None:
+        sink = build(WORKING, type_name, request)
         old, new = new_credentials(), new_credentials()
         sink.write(old)
         receipt = sink.write(new)
@@ -95,20 +96,20 @@ class TestSinkContract:
         sink.rollback(receipt)
         assert sink.read() == old
 
-    def test_receipt_repr_reveals_no_secret(self, type_name: str, tmp_path: Path) -> None:
-        sink = build(WORKING, type_name, tmp_path)
+    def test_receipt_repr_reveals_no_secret(self, type_name: str, request: pytest.FixtureRequest) -> None:
+        sink = build(WORKING, type_name, request)
         old = new_credentials()
         sink.write(old)
         receipt = sink.write(new_credentials())
         assert old.secret_access_key.reveal() not in repr(receipt)
 
-    def test_declares_the_permissions_it_needs(self, type_name: str, tmp_path: Path) -> None:
-        permissions = build(WORKING, type_name, tmp_path).permissions()
+    def test_declares_the_permissions_it_needs(self, type_name: str, request: pytest.FixtureRequest) -> None:
+        permissions = build(WORKING, type_name, request).permissions()
         assert permissions
         assert all(isinstance(p, str) and p.strip() for p in permissions)
 
-    def test_a_failing_write_names_the_sink_and_user_but_not_the_secret(self, type_name: str, tmp_path: Path) -> None:
-        sink = build(FAILING, type_name, tmp_path)
+    def test_a_failing_write_names_the_sink_and_user_but_not_the_secret(self, type_name: str, request: pytest.FixtureRequest) -> None:
+        sink = build(FAILING, type_name, request)
         credentials = new_credentials()
         with pytest.raises(SinkError) as raised:
             sink.write(credentials)
