@@ -77,7 +77,9 @@ class TestSinkContract:
         assert cls.type_name == type_name
         assert issubclass(cls.config_model, SinkConfig)
 
-    def test_write_then_rollback_from_empty_leaves_it_empty(self, type_name: str, request: pytest.FixtureRequest) -> None:
+    def test_write_then_rollback_from_empty_leaves_it_empty(
+        self, type_name: str, request: pytest.FixtureRequest
+    ) -> None:
         sink = build(WORKING, type_name, request)
         assert sink.read() is None
         new = new_credentials()
@@ -87,7 +89,9 @@ class TestSinkContract:
         sink.rollback(receipt)
         assert sink.read() is None
 
-    def test_write_then_rollback_over_a_key_restores_that_key(self, type_name: str, request: pytest.FixtureRequest) -> None:
+    def test_write_then_rollback_over_a_key_restores_that_key(
+        self, type_name: str, request: pytest.FixtureRequest
+    ) -> None:
         sink = build(WORKING, type_name, request)
         old, new = new_credentials(), new_credentials()
         sink.write(old)
@@ -108,7 +112,9 @@ class TestSinkContract:
         assert permissions
         assert all(isinstance(p, str) and p.strip() for p in permissions)
 
-    def test_a_failing_write_names_the_sink_and_user_but_not_the_secret(self, type_name: str, request: pytest.FixtureRequest) -> None:
+    def test_a_failing_write_names_the_sink_and_user_but_not_the_secret(
+        self, type_name: str, request: pytest.FixtureRequest
+    ) -> None:
         sink = build(FAILING, type_name, request)
         credentials = new_credentials()
         with pytest.raises(SinkError) as raised:
