@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from collections.abc import Iterable
 from typing import Any, NoReturn
 
@@ -14,8 +15,11 @@ from rotator import log
 from rotator.config import Config
 from rotator.credentials import short_key_id
 from rotator.engine import Outcome, Result
-from rotator.errors import ConfigError, RotatorError
+from rotator.errors import ConfigError, RefusedError, RotatorError
 from rotator.fleet import Fleet, UserStatus, iam_policy
+from rotator.lock import make_locks
+from rotator.runner import UserResult, run_pass
+from rotator.scheduler import Service, stop_on_signals
 
 
 class _Context:
@@ -65,15 +69,36 @@ def cli(ctx: click.Context, config_path: str | None, debug: bool) -> None:
 
 
 @cli.command()
-@click.option("--user", "user_name", required=True, help="IAM user (as named in the config).")
+@click.option("--user", "user_name", required=True, help="IAM user: NAME, or ACCOUNT/NAME for another account.")
 @click.option("--dry-run", is_flag=True, help="Print what would happen; change nothing.")
 @click.pass_obj
 def rotate(obj: _Context, user_name: str, dry_run: bool) -> None:
     """Rotate one user's access key now."""
     config = obj.config()
-    user = config.user(user_name)
-    outcome = Fleet(config).rotation(user).rotate(force=True, dry_run=dry_run)
+    fleet = Fleet(config)
+    target = fleet.target(user_name)
+    with make_locks(config).user(target.label) as held:
+        if not held:
+            raise RefusedError(f"user {target.label}: another rotator on this host is rotating it; standing aside")
+        outcome = fleet.rotation(target).rotate(force=True, dry_run=dry_run)
     _print_outcome(outcome)
+
+
+@cli.command()
+@click.option("--once", is_flag=True, help="One pass over every user, then exit (the Kubernetes CronJob).")
+@click.pass_obj
+def run(obj: _Context, once: bool) -> None:
+    """Keep every configured user rotated: the service, or with --once a single pass."""
+    config = obj.config()
+    fleet = Fleet(config)
+    locks = make_locks(config)
+    if not once:
+        sys.exit(Service(fleet, locks).run())
+    stop_on_signals(threading.Event())
+    progress = _print_progress if sys.stdout.isatty() else None
+    summary = run_pass(fleet, locks, progress=progress)
+    click.echo("\n".join(summary.lines()))
+    sys.exit(summary.exit_code)
 
 
 @cli.command()
@@ -84,12 +109,19 @@ def rotate(obj: _Context, user_name: str, dry_run: bool) -> None:
 def recover(obj: _Context, user_name: str | None, force: bool, dry_run: bool) -> None:
     """Finish or undo interrupted rotations and delete retired keys whose grace has passed."""
     config = obj.config()
-    users = [config.user(user_name)] if user_name else config.users
     fleet = Fleet(config)
-    worst = 0
-    for user in users:
+    if user_name:
+        targets, worst = [fleet.target(user_name)], 0
+    else:
+        selection = fleet.select()
+        targets, worst = selection.targets, _report_unreachable(selection.failures)
+    locks = make_locks(config)
+    for target in targets:
         try:
-            _print_outcome(fleet.rotation(user).recover(force=force, dry_run=dry_run))
+            with locks.user(target.label) as held:
+                if not held:
+                    raise RefusedError(f"user {target.label}: another rotator on this host is working on it")
+                _print_outcome(fleet.rotation(target).recover(force=force, dry_run=dry_run))
         except RotatorError as exc:  # one user's failure does not stop the others
             click.echo(log.redact(f"error: {exc}"), err=True)
             worst = max(worst, exc.exit_code)
@@ -103,20 +135,21 @@ def status(obj: _Context, output: str) -> None:
     """Each user's keys, their ages, when a rotation is due, and interrupted rotations."""
     config = obj.config()
     fleet = Fleet(config)
+    selection = fleet.select()
     rows: list[UserStatus] = []
-    errors: dict[str, str] = {}
-    for user in config.users:
+    errors: dict[str, str] = dict(selection.failures)
+    for target in selection.targets:
         try:
-            rows.append(fleet.status(user))
+            rows.append(fleet.status(target))
         except RotatorError as exc:
-            errors[user.name] = str(exc)
+            errors[target.label] = str(exc)
     if output == "json":
         payload = [r.as_dict() for r in rows] + [{"user": u, "error": e} for u, e in errors.items()]
         click.echo(json.dumps(payload, indent=2))
     else:
         click.echo("\n".join(_status_lines(rows)))
-        for user_name, error in errors.items():
-            click.echo(f"{user_name}: error: {error}", err=True)
+        for label, error in errors.items():
+            click.echo(f"{label}: error: {error}", err=True)
     sys.exit(1 if errors else 0)
 
 
@@ -127,24 +160,25 @@ def check_config(obj: _Context, connect: bool) -> None:
     """Validate the config (and with --connect, reach IAM and every sink)."""
     config = obj.config()
     fleet = Fleet(config)
-    rotations = [(user, fleet.rotation(user)) for user in config.users]
-    sinks = sum(len(user.sinks) for user in config.users)
-    click.echo(f"config ok: {len(config.users)} user(s), {sinks} sink(s)")
+    listed = fleet.listed()
+    rotations = [(target, fleet.rotation(target)) for target in listed]  # builds every sink: catches bad settings
+    sinks = sum(len(target.sinks) for target in listed)
+    click.echo(f"config ok: {len(listed)} listed user(s), {len(config.select)} selection(s), {sinks} sink(s)")
     if not connect:
         return
-    failed = False
-    for user, rotation in rotations:
-        checks: list[tuple[str, Any]] = [("iam", lambda u=user: fleet.iam.list_keys(u.name))]
+    failed = _report_unreachable(fleet.select().failures) if config.select else 0
+    for target, rotation in rotations:
+        checks: list[tuple[str, Any]] = [("iam", lambda t=target: fleet.iam(t.account).list_keys(t.name))]
         checks += [(sink.name, sink.read) for sink in rotation.sinks]
         for name, check in checks:
             try:
                 check()
             except RotatorError as exc:
-                failed = True
-                click.echo(log.redact(f"{user.name}: {name}: FAILED: {exc}"))
+                failed = 1
+                click.echo(log.redact(f"{target.label}: {name}: FAILED: {exc}"))
             else:
-                click.echo(f"{user.name}: {name}: ok")
-    sys.exit(1 if failed else 0)
+                click.echo(f"{target.label}: {name}: ok")
+    sys.exit(failed)
 
 
 @cli.command()
@@ -154,10 +188,20 @@ def permissions(obj: _Context) -> None:
     config = obj.config()
     click.echo(json.dumps(iam_policy(config), indent=2))
     fleet = Fleet(config)
-    for user in config.users:
-        for sink in fleet.rotation(user).sinks:
+    for target in fleet.listed():
+        for sink in fleet.rotation(target).sinks:
             for need in sink.permissions():
-                click.echo(f"# {user.name}: {sink.name}: {need}", err=True)
+                click.echo(f"# {target.label}: {sink.name}: {need}", err=True)
+
+
+def _report_unreachable(failures: dict[str, str]) -> int:
+    for where, error in failures.items():
+        click.echo(log.redact(f"error: {where}: {error}"), err=True)
+    return 1 if failures else 0
+
+
+def _print_progress(result: UserResult, done: int, total: int) -> None:
+    click.echo(f"[{done}/{total}] {result.label}: {result.outcome.value}: {result.message}")
 
 
 def _print_outcome(outcome: Outcome) -> None:
@@ -176,7 +220,7 @@ def _status_lines(rows: Iterable[UserStatus]) -> list[str]:
         for index, key in enumerate(row.keys):
             note = due if key.active else (
                 f"retired; delete after {key.retired_until:%Y-%m-%d %H:%M}" if key.retired_until else "inactive")
-            name = row.user if index == 0 else ""
+            name = (f"{row.account}/{row.user}" if row.account else row.user) if index == 0 else ""
             status_text = "Active" if key.active else "Inactive"
             lines.append(f"{name:<20} {short_key_id(key.key_id):<12} {status_text:<9} {key.age_days:>4}d  {note}")
         if row.interrupted:

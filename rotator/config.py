@@ -23,6 +23,7 @@ from pydantic import (
     InstanceOf,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from rotator.errors import ConfigError
@@ -101,16 +102,29 @@ class ProbeConfig(Model):
     type: str
 
 
-class UserConfig(Model):
-    name: str
-    sinks: list[InstanceOf[SinkConfig]] = Field(min_length=1)
-    probes: list[InstanceOf[ProbeConfig]] = Field(default_factory=list)
-    """Checks run with the new key after the STS check (which always runs first)."""
+class RotationOverrides(Model):
+    """Per-user (or per-selection) overrides of ``defaults``; unset fields fall back to them."""
+
     max_key_age: Duration | None = None
     delete_after: Duration | None = None
     propagation_timeout: Duration | None = None
     propagation_successes: int | None = Field(default=None, ge=1, le=50)
     propagation_interval: Duration | None = None
+
+    def applied_to(self, defaults: RotationSettings) -> RotationSettings:
+        overrides = {
+            field: getattr(self, field) for field in RotationSettings.model_fields if getattr(self, field) is not None
+        }
+        return defaults.model_copy(update=overrides)
+
+
+class UserConfig(RotationOverrides):
+    name: str
+    account: str | None = None
+    """Name of an entry in ``accounts`` (the user lives in another AWS account); default: rotator's own."""
+    sinks: list[InstanceOf[SinkConfig]] = Field(min_length=1)
+    probes: list[InstanceOf[ProbeConfig]] = Field(default_factory=list)
+    """Checks run with the new key after the STS check (which always runs first)."""
 
     @field_validator("name")
     @classmethod
@@ -120,45 +134,119 @@ class UserConfig(Model):
         return value
 
 
+class SelectorConfig(RotationOverrides):
+    """Selects IAM users by path and tags; its sinks and probes may use ``{user}`` for the user's name."""
+
+    path_prefix: str = "/"
+    """IAM path the users live under, e.g. ``/ci/`` (``/`` is every user)."""
+    tags: dict[str, str] = Field(default_factory=dict)
+    """Tags a user must carry, all of them, e.g. ``{rotator/enabled: "true"}``."""
+    exclude: list[str] = Field(default_factory=list)
+    """User names never selected."""
+    account: str | None = None
+    sinks: list[InstanceOf[SinkConfig]] = Field(min_length=1)
+    probes: list[InstanceOf[ProbeConfig]] = Field(default_factory=list)
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _iam_path(cls, value: str) -> str:
+        if not (value.startswith("/") and value.endswith("/")):
+            raise ValueError("an IAM path starts and ends with '/', e.g. /ci/")
+        return value
+
+
+class AccountConfig(Model):
+    """Another AWS account, reached by assuming a role there."""
+
+    name: str = Field(min_length=1)
+    role_arn: str = Field(pattern=r"^arn:aws[a-z-]*:iam::\d{12}:role/.+$")
+    external_id: str | None = None
+    session_name: str = "rotator"
+
+
+class LeaderElectionConfig(Model):
+    """Only one replica of `rotator run` rotates: the holder of a Kubernetes Lease."""
+
+    lease: str = "rotator"
+    namespace: str | None = None
+    """Default: the pod's own namespace (POD_NAMESPACE, or the service account's namespace file)."""
+    lease_duration: Duration = timedelta(seconds=30)
+    renew_interval: Duration = timedelta(seconds=10)
+
+
 class ServiceConfig(Model):
-    """Settings of `rotator run` (the long-running service)."""
+    """Settings of `rotator run` (the long-running service) and `rotator run --once`."""
 
     schedule: str | None = "0 3 * * *"
+    """When to check for due users: a cron expression, in UTC. Ignored when ``interval`` is set."""
     interval: Duration | None = None
-    listen: str = "127.0.0.1:9090"
+    """Check this often instead of ``schedule``, each time shifted by up to ``jitter``."""
+    jitter: Duration = timedelta(minutes=5)
+    listen: str | None = "127.0.0.1:9090"
+    """host:port of /healthz, /readyz and /metrics; null turns the server off."""
     concurrency: int = Field(default=4, ge=1, le=64)
+    """How many users rotate at the same time."""
+    shutdown_timeout: Duration = timedelta(seconds=60)
+    """On SIGTERM, how long in-flight rotations get to finish or roll back."""
+    lock_dir: str | None = None
+    """Where per-user and service lock files live on a host (default $RUNTIME_DIRECTORY, else /tmp/rotator)."""
+    leader_election: LeaderElectionConfig | None = None
+    """Set in a cluster: replicas elect a leader on a Lease, and per-user guards are Leases too."""
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            from apscheduler.triggers.cron import CronTrigger
+
+            try:
+                CronTrigger.from_crontab(value, timezone="UTC")
+            except ValueError as exc:
+                raise ValueError(f"not a cron expression ({exc})") from None
+        return value
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            host, _, port = value.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("must be host:port, e.g. 127.0.0.1:9090 or 0.0.0.0:9090")
+        return value
 
 
 class Config(Model):
     aws: AwsConfig = AwsConfig()
     defaults: RotationSettings = RotationSettings()
     service: ServiceConfig = ServiceConfig()
-    users: list[UserConfig] = Field(min_length=1)
+    accounts: list[AccountConfig] = Field(default_factory=list)
+    users: list[UserConfig] = Field(default_factory=list)
+    select: list[SelectorConfig] = Field(default_factory=list)
 
     @field_validator("users")
     @classmethod
     def _unique_user_names(cls, users: list[UserConfig]) -> list[UserConfig]:
-        seen: set[str] = set()
+        seen: set[tuple[str | None, str]] = set()
         for user in users:
-            if user.name in seen:
+            if (user.account, user.name) in seen:
                 raise ValueError(f"user {user.name!r} is listed twice")
-            seen.add(user.name)
+            seen.add((user.account, user.name))
         return users
 
-    def user(self, name: str) -> UserConfig:
-        for user in self.users:
-            if user.name == name:
-                return user
-        known = ", ".join(u.name for u in self.users)
-        raise ConfigError(f"--user: no user named {name!r} in the config (configured: {known})")
+    @model_validator(mode="after")
+    def _accounts_exist_and_someone_is_configured(self) -> Config:
+        if not self.users and not self.select:
+            raise ValueError("configure at least one entry in users or select")
+        known = {account.name for account in self.accounts}
+        wanted = [(f"users[{i}]", u.account) for i, u in enumerate(self.users)]
+        wanted += [(f"select[{i}]", s.account) for i, s in enumerate(self.select)]
+        for where, account in wanted:
+            if account is not None and account not in known:
+                raise ValueError(f"{where}.account: no account named {account!r} in accounts")
+        return self
 
-    def settings_for(self, user: UserConfig) -> RotationSettings:
-        overrides = {
-            field: getattr(user, field)
-            for field in RotationSettings.model_fields
-            if getattr(user, field) is not None
-        }
-        return self.defaults.model_copy(update=overrides)
+    def account(self, name: str | None) -> AccountConfig | None:
+        return next((a for a in self.accounts if a.name == name), None) if name else None
 
 
 def _path(loc: tuple[int | str, ...]) -> str:
@@ -175,7 +263,10 @@ def _format(error: ValidationError, prefix: tuple[int | str, ...] = ()) -> list[
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        lines.append(f"{_path(loc)}: {message}")
+        if not loc and re.match(r"^[\w\[\].]+: ", message):
+            lines.append(message)  # a model-level check that names its own path
+        else:
+            lines.append(f"{_path(loc)}: {message}")
     return lines
 
 
@@ -241,16 +332,17 @@ def parse(
     data = _interpolate(data, (), errors)
     if errors:  # the emptied values would only add confusing follow-up errors
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-    users = data.get("users")
-    if isinstance(users, list):
-        for index, user in enumerate(users):
-            if not isinstance(user, dict):
+    for section in ("users", "select"):
+        entries = data.get(section)
+        if not isinstance(entries, list):
+            continue
+        for index, entry in enumerate(entries):
+            if not isinstance(entry, dict):
                 continue
-            user["sinks"] = _typed_entries(user.get("sinks"), ("users", index, "sinks"), sink_models,
-                                           "sink", errors)
-            if "probes" in user:
-                user["probes"] = _typed_entries(user["probes"], ("users", index, "probes"), probe_models,
-                                                "probe", errors)
+            entry["sinks"] = _typed_entries(entry.get("sinks"), (section, index, "sinks"), sink_models, "sink", errors)
+            if "probes" in entry:
+                entry["probes"] = _typed_entries(entry["probes"], (section, index, "probes"), probe_models, "probe",
+                                                 errors)
     config: Config | None = None
     try:
         config = Config.model_validate(data)

@@ -261,6 +261,7 @@ class Rotation:
 
     def _retire(self, old_id: str | None, new_id: str | None) -> None:
         """Deactivate the old key (every sink holds the new one and it passed the probes); maybe delete it."""
+        shutdown.acknowledge()  # past the probes, finishing is safer than stopping half-way
         try:
             state.set_phase(self.iam, self.user, state.Phase.RETIRING)
             existing = {k.key_id: k for k in self.iam.list_keys(self.user)}

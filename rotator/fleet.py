@@ -1,37 +1,139 @@
-"""The configured users, wired to the engine: build a ``Rotation`` per user and read their status.
+"""The configured users, wired to the engine.
 
-This is the one place that turns config into live objects (IAM client, sinks, probes), so commands and
-the scheduler share it.
+``Fleet`` turns the config into targets (listed users, plus users selected by IAM path and tags, in
+rotator's own account or in others reached by assuming a role) and builds a ``Rotation`` for each. It
+is the one place that makes live objects (IAM clients, sinks, probes), so commands and the scheduler
+share it.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from rotator import registry, state
-from rotator.config import Config, RotationSettings, UserConfig
+from rotator.config import Config, ProbeConfig, RotationSettings, SelectorConfig, SinkConfig
 from rotator.engine import Rotation, utc_now
-from rotator.iam import PERMISSIONS, AccessKey, ClientFactory, Iam, session_client_factory
+from rotator.errors import ConfigError, RotatorError
+from rotator.iam import PERMISSIONS, AccessKey, ClientFactory, Iam, assumed_role_client_factory, session_client_factory
+
+
+@dataclass(frozen=True)
+class Target:
+    """One IAM user to keep rotated, with everything its rotation needs."""
+
+    name: str
+    account: str | None
+    sinks: tuple[SinkConfig, ...]
+    probes: tuple[ProbeConfig, ...]
+    settings: RotationSettings
+
+    @property
+    def label(self) -> str:
+        return f"{self.account}/{self.name}" if self.account else self.name
+
+
+@dataclass
+class Selection:
+    targets: list[Target]
+    failures: dict[str, str] = field(default_factory=dict)
+    """What could not be listed (an account whose role cannot be assumed): label -> error."""
+
+
+def _render(model: Any, user: str) -> Any:
+    """A selector's sink/probe config with ``{user}`` replaced by the selected user's name."""
+    def substitute(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace("{user}", user)
+        if isinstance(value, list):
+            return [substitute(v) for v in value]
+        if isinstance(value, dict):
+            return {k: substitute(v) for k, v in value.items()}
+        return value
+
+    return type(model).model_validate(substitute(model.model_dump()))
 
 
 class Fleet:
     def __init__(self, config: Config, make_client: ClientFactory | None = None) -> None:
         self.config = config
-        self.iam = Iam(make_client or session_client_factory(config.aws))
+        self._make_client = make_client or session_client_factory(config.aws)
+        self._iams: dict[str | None, Iam] = {}
+        self._lock = threading.Lock()
 
-    def rotation(self, user: UserConfig) -> Rotation:
+    def iam(self, account: str | None = None) -> Iam:
+        with self._lock:
+            if account not in self._iams:
+                settings = self.config.account(account)
+                factory = assumed_role_client_factory(settings, self._make_client) if settings else self._make_client
+                self._iams[account] = Iam(factory)
+            return self._iams[account]
+
+    # -- which users ----------------------------------------------------------------------------
+
+    def listed(self) -> list[Target]:
+        return [
+            Target(u.name, u.account, tuple(u.sinks), tuple(u.probes), u.applied_to(self.config.defaults))
+            for u in self.config.users
+        ]
+
+    def select(self) -> Selection:
+        """Every target: listed users, then selected ones (a listed user wins over the same selected one)."""
+        selection = Selection(self.listed())
+        seen = {(t.account, t.name) for t in selection.targets}
+        for selector in self.config.select:
+            label = selector.account or "(own account)"
+            try:
+                names = self._selected_names(selector)
+            except RotatorError as exc:
+                selection.failures[label] = str(exc)
+                continue
+            for name in names:
+                if (selector.account, name) in seen:
+                    continue
+                seen.add((selector.account, name))
+                selection.targets.append(Target(
+                    name, selector.account,
+                    tuple(_render(s, name) for s in selector.sinks),
+                    tuple(_render(p, name) for p in selector.probes),
+                    selector.applied_to(self.config.defaults),
+                ))
+        return selection
+
+    def _selected_names(self, selector: SelectorConfig) -> list[str]:
+        iam = self.iam(selector.account)
+        names = [n for n in iam.list_users(selector.path_prefix) if n not in selector.exclude]
+        if not selector.tags:
+            return names
+        return [n for n in names if selector.tags.items() <= iam.tags(n).items()]
+
+    def target(self, name: str) -> Target:
+        """The target a user gave on the command line: `NAME` or `ACCOUNT/NAME`."""
+        account, _, user = name.rpartition("/")
+        def matches(t: Target) -> bool:
+            return t.name == user and (t.account == (account or None) or (not account and t.account is None))
+        listed = [t for t in self.listed() if matches(t)]
+        found = listed or ([t for t in self.select().targets if matches(t)] if self.config.select else [])
+        if not found:
+            known = ", ".join(t.label for t in self.listed()) or "none listed"
+            raise ConfigError(f"--user: no user {name!r} in the config or its selections (configured: {known})")
+        return found[0]
+
+    # -- live objects ---------------------------------------------------------------------------
+
+    def rotation(self, target: Target) -> Rotation:
         return Rotation(
-            user.name,
-            self.config.settings_for(user),
-            self.iam,
-            [registry.make_sink(sink, user.name) for sink in user.sinks],
-            [registry.make_probe(probe, user.name) for probe in user.probes],
+            target.name,
+            target.settings,
+            self.iam(target.account),
+            [registry.make_sink(sink, target.name) for sink in target.sinks],
+            [registry.make_probe(probe, target.name) for probe in target.probes],
         )
 
-    def status(self, user: UserConfig, now: datetime | None = None) -> UserStatus:
-        return read_status(self.iam, user.name, self.config.settings_for(user), now or utc_now())
+    def status(self, target: Target, now: datetime | None = None) -> UserStatus:
+        return read_status(self.iam(target.account), target, now or utc_now())
 
 
 @dataclass(frozen=True)
@@ -51,11 +153,22 @@ class UserStatus:
     due_at: datetime | None
     interrupted: state.Pending | None
     notes: list[str] = field(default_factory=list)
+    account: str | None = None
+
+    @property
+    def active_key_age_seconds(self) -> float | None:
+        active = [k for k in self.keys if k.active]
+        return (utc_now() - active[0].created).total_seconds() if len(active) == 1 else None
+
+    @property
+    def awaiting_deletion(self) -> int:
+        return sum(1 for k in self.keys if k.retired_until is not None and not k.active)
 
     def as_dict(self) -> dict[str, Any]:
         pending = self.interrupted
         return {
             "user": self.user,
+            "account": self.account,
             "keys": [
                 {
                     "id": k.key_id,
@@ -79,16 +192,16 @@ class UserStatus:
         }
 
 
-def read_status(iam: Iam, user: str, settings: RotationSettings, now: datetime) -> UserStatus:
-    current = state.read(iam, user)
-    keys: list[AccessKey] = iam.list_keys(user)
+def read_status(iam: Iam, target: Target, now: datetime) -> UserStatus:
+    current = state.read(iam, target.name)
+    keys: list[AccessKey] = iam.list_keys(target.name)
     active = [k for k in keys if k.active]
     notes = []
     if len(active) > 1:
         notes.append("two active keys: rotator will not rotate until one is removed")
-    due_at = active[0].created + settings.max_key_age if len(active) == 1 else None
+    due_at = active[0].created + target.settings.max_key_age if len(active) == 1 else None
     return UserStatus(
-        user=user,
+        user=target.name,
         keys=[
             KeyStatus(k.key_id, k.active, k.created, (now - k.created).days, current.retired.get(k.key_id))
             for k in keys
@@ -97,6 +210,7 @@ def read_status(iam: Iam, user: str, settings: RotationSettings, now: datetime) 
         due_at=due_at,
         interrupted=current.pending,
         notes=notes,
+        account=target.account,
     )
 
 
@@ -106,14 +220,15 @@ def iam_policy(config: Config) -> dict[str, Any]:
     for user in config.users:
         # A user's ARN carries its IAM path (user/ci/app); cover both the root path and any other.
         resources += [f"arn:aws:iam::*:user/{user.name}", f"arn:aws:iam::*:user/*/{user.name}"]
-    return {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Sid": "RotatorRotatesAccessKeys",
-                "Effect": "Allow",
-                "Action": sorted(PERMISSIONS),
-                "Resource": resources,
-            }
-        ],
-    }
+    for selector in config.select:
+        resources.append(f"arn:aws:iam::*:user{selector.path_prefix}*")
+    statements: list[dict[str, Any]] = [
+        {"Sid": "RotatorRotatesAccessKeys", "Effect": "Allow", "Action": sorted(PERMISSIONS), "Resource": resources}
+    ]
+    if config.select:
+        statements.append({"Sid": "RotatorSelectsUsers", "Effect": "Allow", "Action": ["iam:ListUsers"],
+                           "Resource": "*"})
+    if config.accounts:
+        statements.append({"Sid": "RotatorReachesOtherAccounts", "Effect": "Allow", "Action": ["sts:AssumeRole"],
+                           "Resource": sorted(a.role_arn for a in config.accounts)})
+    return {"Version": "2012-10-17", "Statement": statements}

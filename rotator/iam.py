@@ -15,10 +15,12 @@ from typing import Any, Final
 
 import boto3
 import botocore.config
+import botocore.credentials
 import botocore.exceptions
+import botocore.session
 
-from rotator import shutdown
-from rotator.config import AwsConfig
+from rotator import log, shutdown
+from rotator.config import AccountConfig, AwsConfig
 from rotator.credentials import Credentials, Secret
 from rotator.errors import IamError
 
@@ -56,21 +58,24 @@ ClientFactory = Callable[..., Any]
 def session_client_factory(aws: AwsConfig) -> ClientFactory:
     """Clients from the standard chain, or from explicit credentials when given."""
 
-    def make_client(service: str, credentials: Credentials | None = None, *, check: bool = False) -> Any:
-        session = (
-            boto3.session.Session(
-                aws_access_key_id=credentials.access_key_id,
-                aws_secret_access_key=credentials.secret_access_key.reveal(),
-                region_name=aws.region,
+    def make_client(
+        service: str, credentials: Credentials | None = None, *, check: bool = False, session: Any = None
+    ) -> Any:
+        if session is None:
+            session = (
+                boto3.session.Session(
+                    aws_access_key_id=credentials.access_key_id,
+                    aws_secret_access_key=credentials.secret_access_key.reveal(),
+                    region_name=aws.region,
+                )
+                if credentials
+                else boto3.session.Session(region_name=aws.region)
             )
-            if credentials
-            else boto3.session.Session(region_name=aws.region)
-        )
         kwargs: dict[str, Any] = {"config": _STS_CHECK if check else _RETRIES}
         if aws.endpoint_url:
             kwargs["endpoint_url"] = aws.endpoint_url
-        if session.region_name is None:
-            kwargs["region_name"] = "us-east-1"  # IAM is global; STS answers in every region
+        # IAM is global and STS answers in every region: any region will do when none is configured.
+        kwargs["region_name"] = aws.region or session.region_name or "us-east-1"
         client = session.client(service, **kwargs)
         # A termination signal must stop a request or its retries, not wait for their timeouts.
         client.meta.events.register("before-send", shutdown.check)
@@ -80,8 +85,46 @@ def session_client_factory(aws: AwsConfig) -> ClientFactory:
     return make_client
 
 
+def assumed_role_client_factory(account: AccountConfig, base: ClientFactory) -> ClientFactory:
+    """Clients in another account: credentials from AssumeRole there, refreshed before they expire.
+
+    Explicit credentials (the STS check of a new key) bypass the role: a key speaks for itself.
+    """
+
+    def fetch() -> dict[str, str]:
+        kwargs = {"RoleArn": account.role_arn, "RoleSessionName": account.session_name}
+        if account.external_id:
+            kwargs["ExternalId"] = account.external_id
+        with _wrapped("sts:AssumeRole", f"account {account.name} (role {account.role_arn})"):
+            issued = base("sts").assume_role(**kwargs)["Credentials"]
+        log.register_secret(issued["SecretAccessKey"])
+        log.register_secret(issued["SessionToken"])
+        return {
+            "access_key": issued["AccessKeyId"],
+            "secret_key": issued["SecretAccessKey"],
+            "token": issued["SessionToken"],
+            "expiry_time": issued["Expiration"].isoformat(),
+        }
+
+    state: dict[str, Any] = {}
+
+    def make_client(service: str, credentials: Credentials | None = None, *, check: bool = False) -> Any:
+        if credentials is not None:
+            return base(service, credentials, check=check)
+        if "session" not in state:
+            refreshable = botocore.credentials.RefreshableCredentials.create_from_metadata(
+                metadata=fetch(), refresh_using=fetch, method="assume-role"
+            )
+            core = botocore.session.get_session()
+            core._credentials = refreshable  # the documented way boto3 users attach refreshable credentials
+            state["session"] = boto3.session.Session(botocore_session=core)
+        return base(service, session=state["session"], check=check)
+
+    return make_client
+
+
 @contextmanager
-def _wrapped(operation: str, user: str) -> Iterator[None]:
+def _wrapped(operation: str, subject: str) -> Iterator[None]:
     try:
         yield
     except botocore.exceptions.ClientError as exc:
@@ -89,21 +132,21 @@ def _wrapped(operation: str, user: str) -> Iterator[None]:
         code = str(error.get("Code", "Unknown"))
         message = str(error.get("Message", "")).strip()
         raise IamError(
-            f"{operation} for user {user} failed: {code}" + (f": {message}" if message else ""), code=code
+            f"{operation} for {subject} failed: {code}" + (f": {message}" if message else ""), code=code
         ) from None
     except botocore.exceptions.NoCredentialsError:
         raise IamError(
-            f"{operation} for user {user}: no AWS credentials found (environment, shared config, "
+            f"{operation} for {subject}: no AWS credentials found (environment, shared config, "
             "container or instance role)",
             code="NoCredentials",
         ) from None
     except botocore.exceptions.EndpointConnectionError as exc:
         raise IamError(
-            f"{operation} for user {user}: cannot reach {exc.kwargs.get('endpoint_url', 'AWS')}",
+            f"{operation} for {subject}: cannot reach {exc.kwargs.get('endpoint_url', 'AWS')}",
             code="EndpointConnectionError",
         ) from None
     except botocore.exceptions.BotoCoreError as exc:
-        raise IamError(f"{operation} for user {user} failed: {type(exc).__name__}",
+        raise IamError(f"{operation} for {subject} failed: {type(exc).__name__}",
                        code=type(exc).__name__) from None
 
 
@@ -120,13 +163,25 @@ class Iam:
             self._iam = self._make_client("iam")
         return self._iam
 
+    def whoami(self) -> str:
+        """rotator's own identity (GetCallerIdentity needs no permission): proves AWS is reachable."""
+        with _wrapped("sts:GetCallerIdentity", "rotator's own identity"):
+            return str(self._make_client("sts").get_caller_identity()["Arn"])
+
+    def list_users(self, path_prefix: str) -> list[str]:
+        names: list[str] = []
+        with _wrapped("ListUsers", f"users under {path_prefix}"):
+            for page in self._client.get_paginator("list_users").paginate(PathPrefix=path_prefix):
+                names.extend(user["UserName"] for user in page["Users"])
+        return names
+
     def user_arn(self, user: str) -> str:
-        with _wrapped("GetUser", user):
+        with _wrapped("GetUser", f"user {user}"):
             return str(self._client.get_user(UserName=user)["User"]["Arn"])
 
     def list_keys(self, user: str) -> list[AccessKey]:
         keys: list[AccessKey] = []
-        with _wrapped("ListAccessKeys", user):
+        with _wrapped("ListAccessKeys", f"user {user}"):
             for page in self._client.get_paginator("list_access_keys").paginate(UserName=user):
                 keys.extend(
                     AccessKey(meta["AccessKeyId"], meta["Status"] == "Active", meta["CreateDate"])
@@ -135,12 +190,12 @@ class Iam:
         return sorted(keys, key=lambda k: k.created)
 
     def create_key(self, user: str) -> Credentials:
-        with _wrapped("CreateAccessKey", user):
+        with _wrapped("CreateAccessKey", f"user {user}"):
             key = self._client.create_access_key(UserName=user)["AccessKey"]
         return Credentials(key["AccessKeyId"], Secret(key["SecretAccessKey"]))
 
     def set_key_active(self, user: str, key_id: str, active: bool) -> None:
-        with _wrapped("UpdateAccessKey", user):
+        with _wrapped("UpdateAccessKey", f"user {user}"):
             self._client.update_access_key(
                 UserName=user, AccessKeyId=key_id, Status="Active" if active else "Inactive"
             )
@@ -148,7 +203,7 @@ class Iam:
     def delete_key(self, user: str, key_id: str) -> None:
         """Delete a key; a key that is already gone counts as deleted (steps are retried after crashes)."""
         try:
-            with _wrapped("DeleteAccessKey", user):
+            with _wrapped("DeleteAccessKey", f"user {user}"):
                 self._client.delete_access_key(UserName=user, AccessKeyId=key_id)
         except IamError as exc:
             if exc.code != "NoSuchEntity":
@@ -156,23 +211,23 @@ class Iam:
 
     def tags(self, user: str) -> dict[str, str]:
         tags: dict[str, str] = {}
-        with _wrapped("ListUserTags", user):
+        with _wrapped("ListUserTags", f"user {user}"):
             for page in self._client.get_paginator("list_user_tags").paginate(UserName=user):
                 tags.update({t["Key"]: t["Value"] for t in page["Tags"]})
         return tags
 
     def tag(self, user: str, tags: Mapping[str, str]) -> None:
         if tags:
-            with _wrapped("TagUser", user):
+            with _wrapped("TagUser", f"user {user}"):
                 self._client.tag_user(UserName=user, Tags=[{"Key": k, "Value": v} for k, v in tags.items()])
 
     def untag(self, user: str, keys: list[str]) -> None:
         if keys:
-            with _wrapped("UntagUser", user):
+            with _wrapped("UntagUser", f"user {user}"):
                 self._client.untag_user(UserName=user, TagKeys=keys)
 
     def caller_arn(self, user: str, credentials: Credentials) -> str:
         """The ARN STS sees for ``credentials`` (GetCallerIdentity needs no permission)."""
-        with _wrapped("sts:GetCallerIdentity", user):
+        with _wrapped("sts:GetCallerIdentity", f"user {user}"):
             sts = self._make_client("sts", credentials, check=True)
             return str(sts.get_caller_identity()["Arn"])

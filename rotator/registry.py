@@ -1,7 +1,7 @@
 """Sink and probe types by name: the built-in ones, plus third-party ones from entry points.
 
-Built-in types are listed here; third-party packages register a sink under the ``rotator.sinks`` entry-point group and a probe under
-``rotator.probes``; the value is the class (``mypkg.sinks:MySink``).
+Built-in types are listed here; third-party packages register a sink under the ``rotator.sinks``
+entry-point group and a probe under ``rotator.probes``; the value is the class (``mypkg.sinks:MySink``).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from rotator.probes.http import HttpProbe
 from rotator.probes.sts import StsProbe
 from rotator.sinks.base import Sink
 from rotator.sinks.credentials_file import CredentialsFileSink
+from rotator.sinks.vault import VaultSink
 
-_BUILTIN_SINKS: tuple[type[Sink[Any]], ...] = (CredentialsFileSink,)
+_BUILTIN_SINKS: tuple[type[Sink[Any]], ...] = (CredentialsFileSink, VaultSink,)
 _BUILTIN_PROBES: tuple[type[Probe[Any]], ...] = (StsProbe, HttpProbe)
 
 

@@ -44,7 +44,7 @@ class Rollback:
         """From here on the failure is being handled: further signals are ignored, and a pending
         termination request is considered delivered (undo must be allowed to call IAM)."""
         self._undoing = True
-        shutdown.clear()
+        shutdown.acknowledge()
 
     def run(self) -> list[str]:
         """Undo everything registered, newest first; return what could not be undone."""
@@ -75,6 +75,7 @@ class Rollback:
 @contextmanager
 def signals_interrupt(rollback_in_progress: Callable[[], bool]) -> Iterator[None]:
     """Raise ``Interrupted`` on termination signals, unless an undo is running."""
+    shutdown.begin()
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be installed from the main thread; the caller owns signals
         return

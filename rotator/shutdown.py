@@ -1,31 +1,61 @@
-"""A termination request that outlives the exception raised for it.
+"""A termination request that reaches every rotation in the process, in any thread.
 
-The signal handler raises ``Interrupted`` at once, but library code may swallow it (botocore wraps
-any exception raised mid-request into a retryable ``HTTPClientError``). So the request is also kept
-here, and ``check()`` raises it again at the next safe point: between steps and before botocore
-sends or retries a request. Rollback clears it once it has taken over.
+The signal handler (main thread) calls ``request()``. Library code may swallow an exception raised
+from a handler (botocore wraps any exception raised mid-request into a retryable ``HTTPClientError``),
+and worker threads never see handler exceptions at all, so the request is kept here and ``check()``
+raises ``Interrupted`` at the next safe point: between steps, in waits, and before botocore sends or
+retries a request. A rotation that has begun its rollback (or its final retire step) calls
+``acknowledge()``: from then on checks in its thread pass, so the cleanup is not cut short.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from rotator.errors import Interrupted
 
 _requested: str | None = None
+_event = threading.Event()
+_local = threading.local()
 
 
 def request(signal_name: str) -> None:
     global _requested  # process-wide by nature, as signals are
     _requested = signal_name
+    _event.set()
+
+
+def requested() -> str | None:
+    return _requested
 
 
 def clear() -> None:
+    """Forget a request (the one-shot command that received it has dealt with it)."""
     global _requested
     _requested = None
+    _event.clear()
+    _local.acknowledged = False
+
+
+def acknowledge() -> None:
+    """This thread is now cleaning up: let its calls through."""
+    _local.acknowledged = True
+
+
+def begin() -> None:
+    """A new unit of work in this thread (a rotation): it is interruptible again."""
+    _local.acknowledged = False
 
 
 def check(**_botocore_event: Any) -> None:
     """Raise ``Interrupted`` if termination was requested (also usable as a botocore event handler)."""
-    if _requested is not None:
+    if _requested is not None and not getattr(_local, "acknowledged", False):
         raise Interrupted(f"received {_requested}")
+
+
+def sleep(seconds: float) -> None:
+    """Sleep, but wake at once (and raise) when termination is requested."""
+    check()
+    _event.wait(seconds)
+    check()

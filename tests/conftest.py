@@ -93,9 +93,11 @@ ConfigWriter = Callable[..., Path]
 
 @pytest.fixture
 def write_config(tmp_path: Path) -> ConfigWriter:
-    def write(users: list[dict[str, Any]], **defaults: Any) -> Path:
-        path = tmp_path / "rotator.yaml"
-        path.write_text(yaml.safe_dump({"defaults": {**FAST, **defaults}, "users": users}))
+    def write(users: list[dict[str, Any]], *, service: dict[str, Any] | None = None,
+              name: str = "rotator.yaml", **defaults: Any) -> Path:
+        path = tmp_path / name
+        service = {"lock_dir": str(tmp_path / "locks"), "listen": None, **(service or {})}
+        path.write_text(yaml.safe_dump({"defaults": {**FAST, **defaults}, "service": service, "users": users}))
         return path
 
     return write
@@ -167,3 +169,46 @@ def assert_invariants(aws: Aws, user: str, files: list[tuple[Path, str]]) -> Non
         )
     assert len(keys) <= 2
     assert not any(t in tags for t in ("rotator:phase", "rotator:new-key")), f"rotation left half-done: {tags}"
+
+
+# ---- vault sink: a real Vault-API server (OpenBao), opt-in real Vault ------------------------------
+# `openbao`: one `bao server -dev` for the session. `vault`: per test, a fresh KV v2 mount on it (or, with
+# VAULT_ADDR and VAULT_TOKEN set and `-m vault_real`, on that real Vault), VAULT_TOKEN set to a token
+# that may do anything there, every other VAULT_* variable cleared.
+
+_REAL_VAULT = (os.environ.get("VAULT_ADDR", ""), os.environ.get("VAULT_TOKEN", ""))
+
+
+@pytest.fixture(scope="session")
+def openbao() -> Iterator[Any]:
+    from tests.fakes.openbao import OpenBao
+
+    server = OpenBao()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session", params=["openbao", *(
+    [pytest.param("real", marks=pytest.mark.vault_real)] if all(_REAL_VAULT) else [])])
+def vault_server(request: pytest.FixtureRequest) -> tuple[str, str, bool]:
+    """(url, admin token, whether it is the local OpenBao)."""
+    if request.param == "openbao":
+        server = request.getfixturevalue("openbao")
+        return server.url, server.root_token, True
+    markexpr = request.config.getoption("markexpr", "") or ""
+    if "vault_real" not in markexpr or "not vault_real" in markexpr:
+        pytest.skip("real Vault tests run only when selected: pytest -m vault_real (VAULT_ADDR, VAULT_TOKEN set)")
+    return _REAL_VAULT[0], _REAL_VAULT[1], False
+
+
+@pytest.fixture
+def vault(vault_server: tuple[str, str, bool], monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    from tests.fakes.openbao import VaultStage
+
+    for name in [n for n in os.environ if n.startswith("VAULT_")]:
+        monkeypatch.delenv(name)
+    url, token, local = vault_server
+    monkeypatch.setenv("VAULT_TOKEN", token)
+    stage = VaultStage(url, token, local=local)
+    yield stage
+    stage.cleanup()

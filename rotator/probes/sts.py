@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from rotator import log
+from rotator import log, shutdown
 from rotator.config import ProbeConfig, RotationSettings, format_duration
 from rotator.credentials import Credentials
 from rotator.errors import IamError, ProbeError
@@ -62,10 +62,10 @@ def await_usable(probe: StsProbe, credentials: Credentials, context: ProbeContex
                 ) from None
             log.get().debug("await_usable", user=context.user, key_id=credentials.access_key_id,
                             outcome="not yet", error=str(exc))
-            time.sleep(delay)
+            shutdown.sleep(delay)
             delay = min(delay * 2, max(interval * 8, MIN_RETRY_DELAY))
             continue
         successes += 1
         if successes >= settings.propagation_successes:
             return
-        time.sleep(interval)
+        shutdown.sleep(interval)

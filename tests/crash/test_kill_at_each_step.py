@@ -157,17 +157,27 @@ class TestKilledMidRotation:
         assert aws.keys("app") == {new_id: "Active"}
         assert_invariants(aws, "app", [(app.credentials_file, "app")])
 
+    @pytest.mark.parametrize(("own_locks", "message"), [
+        (False, "another rotator on this host is rotating it; standing aside"),
+        (True, "still in progress; standing aside"),
+    ], ids=["host-lock", "durable-state"])
     def test_a_second_rotator_stands_aside_while_the_first_is_alive(
-        self, aws: Aws, app: AppUser, config: Path, proxy: AwsProxy
+        self, aws: Aws, app: AppUser, config: Path, proxy: AwsProxy, write_config: ConfigWriter,
+        tmp_path: Path, own_locks: bool, message: str
     ) -> None:
-        """Invariant 6: a rotation owned by a live process is not "recovered" under its feet."""
+        """Invariant 6: a second rotator sees the first (by the host lock, or, with locks of its own as on
+        another host, by the rotation recorded on the user) and does not touch the user."""
+        second_config = config
+        if own_locks:
+            second_config = write_config([{"name": "app", "sinks": [file_sink(app)]}], name="second.yaml",
+                                         service={"lock_dir": str(tmp_path / "other-host-locks")})
         hold = proxy.hold(_new_key_call(aws, app))
         first = spawn("--config", config, "rotate", "--user", "app")
         try:
             assert hold.arrived.wait(timeout=60)
-            second = run("--config", config, "rotate", "--user", "app")
+            second = run("--config", second_config, "rotate", "--user", "app")
             assert second.exit_code == 1
-            assert "still in progress; standing aside" in second.stderr
+            assert message in second.stderr
             assert len(aws.keys("app")) == 2
         finally:
             hold.release.set()

@@ -135,7 +135,7 @@ class TestChoosingTheConfig:
     ) -> None:
         result = run("--config", app_config, *command)
         assert result.exit_code == 2
-        assert "--user: no user named 'web'" in result.stderr
+        assert "--user: no user 'web'" in result.stderr
         assert "configured: app" in result.stderr
         assert proxy.calls == []
         assert aws.keys("app") == {app.key_id: "Active"}
@@ -145,7 +145,7 @@ class TestCheckConfig:
     def test_a_good_config_is_ok_without_reaching_aws(self, app_config: Path, proxy: AwsProxy) -> None:
         result = run("--config", app_config, "check-config")
         assert result.exit_code == 0, result.stderr
-        assert result.stdout.startswith("config ok: 1 user(s), 1 sink(s)")
+        assert result.stdout.startswith("config ok: 1 listed user(s), 0 selection(s), 1 sink(s)")
         assert proxy.calls == []
 
     def test_connect_reaches_iam_and_reads_every_sink(self, app: AppUser, app_config: Path, proxy: AwsProxy) -> None:

@@ -18,8 +18,7 @@ from tests.fakes.moto_aws import Aws
 
 def fleet_at(config: Path, moment: datetime) -> tuple[Fleet, object]:
     fleet = Fleet(config_module.load(config))
-    user = fleet.config.users[0]
-    rotation = fleet.rotation(user)
+    rotation = fleet.rotation(fleet.listed()[0])
     rotation.now = lambda: moment
     return fleet, rotation
 

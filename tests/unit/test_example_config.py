@@ -64,7 +64,7 @@ class TestExampleConfig:
 
     def test_it_shows_a_per_user_override_that_takes_effect(self, example_env: dict[str, str]) -> None:
         loaded = config.load(EXAMPLE)
-        app = loaded.settings_for(loaded.user("app"))
+        app = next(u for u in loaded.users if u.name == "app").applied_to(loaded.defaults)
         assert app.max_key_age != loaded.defaults.max_key_age
 
     @pytest.mark.parametrize(

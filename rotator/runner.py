@@ -1,0 +1,129 @@
+"""One pass over the fleet: every selected user, rotations in parallel up to ``service.concurrency``.
+
+Like certbot's renewal loop, each user gets its own try/except; the pass collects the outcomes into a
+summary whose exit code is the worst one. Rotations always run in worker threads, so the main thread
+keeps the signal handlers (a termination request reaches the workers through ``shutdown``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from rotator import log, shutdown
+from rotator.engine import Result
+from rotator.errors import NeedsAttention, RotatorError
+from rotator.fleet import Fleet, Target
+from rotator.lock import Locks
+from rotator.metrics import Metrics
+
+
+class Outcome(StrEnum):
+    ROTATED = "rotated"
+    RECOVERED = "recovered"
+    NOT_DUE = "not-due"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    NEEDS_ATTENTION = "needs-attention"
+
+    @property
+    def exit_code(self) -> int:
+        return {Outcome.FAILED: 1, Outcome.NEEDS_ATTENTION: 3}.get(self, 0)
+
+
+@dataclass(frozen=True)
+class UserResult:
+    label: str
+    outcome: Outcome
+    message: str
+    seconds: float
+
+
+@dataclass
+class PassSummary:
+    results: list[UserResult] = field(default_factory=list)
+    unreachable: dict[str, str] = field(default_factory=dict)
+    """Selections that could not be listed (e.g. a role that cannot be assumed): where -> error."""
+
+    @property
+    def exit_code(self) -> int:
+        codes = [r.outcome.exit_code for r in self.results] + [1 for _ in self.unreachable]
+        return 3 if 3 in codes else max(codes, default=0)
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(1 for r in self.results if r.outcome is outcome)
+
+    def lines(self) -> list[str]:
+        counts = ", ".join(f"{self.count(o)} {o.value}" for o in Outcome)
+        lines = [f"pass over {len(self.results)} user(s): {counts}"]
+        lines += [f"  {r.label}: {r.outcome.value}: {r.message}" for r in self.results
+                  if r.outcome in (Outcome.FAILED, Outcome.NEEDS_ATTENTION)]
+        lines += [f"  {where}: failed: {error}" for where, error in self.unreachable.items()]
+        return lines
+
+
+Progress = Callable[[UserResult, int, int], None]
+
+
+def run_pass(fleet: Fleet, locks: Locks, *, metrics: Metrics | None = None,
+             progress: Progress | None = None) -> PassSummary:
+    selection = fleet.select()
+    summary = PassSummary(unreachable=dict(selection.failures))
+    total = len(selection.targets)
+    with ThreadPoolExecutor(max_workers=fleet.config.service.concurrency, thread_name_prefix="rotate") as pool:
+        futures = [pool.submit(_check_user, fleet, target, locks, metrics) for target in selection.targets]
+        for future in as_completed(futures):
+            result = future.result()
+            summary.results.append(result)
+            if progress:
+                progress(result, len(summary.results), total)
+    summary.results.sort(key=lambda r: r.label)
+    log.get().info("pass finished", **{o.value.replace("-", "_"): summary.count(o) for o in Outcome},
+                   unreachable=len(summary.unreachable))
+    return summary
+
+
+def _check_user(fleet: Fleet, target: Target, locks: Locks, metrics: Metrics | None) -> UserResult:
+    """Reconcile, then rotate if due, one user; never raises."""
+    shutdown.begin()
+    started = time.monotonic()
+    if shutdown.requested():
+        return UserResult(target.label, Outcome.SKIPPED, "shutting down", 0.0)
+    try:
+        with locks.user(target.label) as held:
+            if not held:
+                result = UserResult(target.label, Outcome.SKIPPED,
+                                    "another rotator is working on this user; standing aside", 0.0)
+            else:
+                done = fleet.rotation(target).rotate()
+                outcome = {Result.ROTATED: Outcome.ROTATED, Result.RECOVERED: Outcome.RECOVERED}.get(
+                    done.result, Outcome.NOT_DUE)
+                result = UserResult(target.label, outcome, done.summary, time.monotonic() - started)
+    except NeedsAttention as exc:
+        result = UserResult(target.label, Outcome.NEEDS_ATTENTION, str(exc), time.monotonic() - started)
+    except RotatorError as exc:
+        result = UserResult(target.label, Outcome.FAILED, str(exc), time.monotonic() - started)
+    except Exception as exc:  # a bug in one user's rotation must not stop the pass
+        log.get().error("unexpected error", user=target.label, error=type(exc).__name__, exc_info=exc)
+        result = UserResult(target.label, Outcome.FAILED, f"unexpected {type(exc).__name__}",
+                            time.monotonic() - started)
+    if metrics:
+        _observe(fleet, target, result, metrics)
+    return result
+
+
+def _observe(fleet: Fleet, target: Target, result: UserResult, metrics: Metrics) -> None:
+    metrics.rotations.labels(target.label, result.outcome.value).inc()
+    metrics.duration.labels(target.label).observe(result.seconds)
+    try:
+        status = fleet.status(target)
+    except RotatorError:
+        return
+    age = status.active_key_age_seconds
+    if age is not None:
+        metrics.key_age.labels(target.label).set(age)
+    metrics.awaiting_deletion.labels(target.label).set(status.awaiting_deletion)
+    metrics.interrupted.labels(target.label).set(1 if status.interrupted else 0)
