@@ -256,8 +256,8 @@ class Rotation:
                 f"{'; '.join(failures)}. Fix the cause, then run `rotator recover --user {self.user}`."
             ) from None
         kept = f"old key {old_id} still active" if old_id else "the user has no key, as before"
-        undone = "rolled back (sinks restored, new key deleted" if new_id else "nothing was changed ("
-        raise RotationFailed(f"rotation of {self.user} failed: {cause}; {undone}, {kept})") from None
+        undone = "rolled back (sinks restored, new key deleted, " if new_id else "nothing was changed ("
+        raise RotationFailed(f"rotation of {self.user} failed: {cause}; {undone}{kept})") from None
 
     def _retire(self, old_id: str | None, new_id: str | None) -> None:
         """Deactivate the old key (every sink holds the new one and it passed the probes); maybe delete it."""

@@ -7,6 +7,7 @@ adaptive retry mode, which backs off on throttling.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -156,12 +157,15 @@ class Iam:
     def __init__(self, make_client: ClientFactory) -> None:
         self._make_client = make_client
         self._iam: Any = None
+        self._checkers: dict[Credentials, Any] = {}  # one STS client per key: a rotation checks it many times
+        self._lock = threading.Lock()
 
     @property
     def _client(self) -> Any:
-        if self._iam is None:
-            self._iam = self._make_client("iam")
-        return self._iam
+        with self._lock:
+            if self._iam is None:
+                self._iam = self._make_client("iam")
+            return self._iam
 
     def whoami(self) -> str:
         """rotator's own identity (GetCallerIdentity needs no permission): proves AWS is reachable."""
@@ -229,5 +233,10 @@ class Iam:
     def caller_arn(self, user: str, credentials: Credentials) -> str:
         """The ARN STS sees for ``credentials`` (GetCallerIdentity needs no permission)."""
         with _wrapped("sts:GetCallerIdentity", f"user {user}"):
-            sts = self._make_client("sts", credentials, check=True)
+            with self._lock:
+                if credentials not in self._checkers:
+                    if len(self._checkers) > 64:
+                        self._checkers.clear()
+                    self._checkers[credentials] = self._make_client("sts", credentials, check=True)
+                sts = self._checkers[credentials]
             return str(sts.get_caller_identity()["Arn"])

@@ -49,16 +49,17 @@ def api_client(context: str | None = None, kubeconfig: str | None = None) -> k8s
     try:
         files = kubeconfig or os.environ.get("KUBECONFIG")
         if not files and context is None and _in_cluster():
-            k8s_config.load_incluster_config(client_configuration=configuration)
+            k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
         else:
             files = files or str(Path("~/.kube/config").expanduser())
             source = f"kubeconfig {files}" + (f" (context {context})" if context else "")
-            k8s_config.load_kube_config(config_file=os.path.expanduser(files), context=context,
-                                        client_configuration=configuration, persist_config=False)
+            k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=os.path.expanduser(files), context=context, client_configuration=configuration,
+                persist_config=False)
     except (ConfigException, OSError, ValueError, TypeError) as exc:
         raise DependencyError(f"kubernetes: cannot load the {source}: {_config_problem(exc)}") from None
     configuration.retries = urllib3.Retry(total=3, connect=3, read=1, redirect=0, status=0, other=0,
-                                          backoff_factor=0.2)
+                                          backoff_factor=0.1)
     return k8s.ApiClient(configuration)
 
 
@@ -96,8 +97,8 @@ def api_status(exc: ApiException) -> ApiStatus:
         body = {}
     if not isinstance(body, dict) or body.get("kind") != "Status":
         return ApiStatus(code, reason)
-    details = body.get("details") if isinstance(body.get("details"), dict) else {}
-    causes = details.get("causes") if isinstance(details.get("causes"), list) else []
+    details: dict[str, Any] = body["details"] if isinstance(body.get("details"), dict) else {}
+    causes: list[Any] = details["causes"] if isinstance(details.get("causes"), list) else []
     fields = tuple(str(c["field"]) for c in causes if isinstance(c, dict) and c.get("field"))
     return ApiStatus(
         code=int(body.get("code") or code),
@@ -116,13 +117,13 @@ def describe_failure(exc: BaseException) -> str:
     reason = exc
     while isinstance(reason, urllib3.exceptions.MaxRetryError) and reason.reason is not None:
         reason = reason.reason
+    if isinstance(reason, urllib3.exceptions.NewConnectionError | ConnectionError):  # before its base class:
+        found = _ERRNO_TEXT.search(str(reason))                                       # ConnectTimeoutError
+        return f"cannot connect to the API server ({found[1].strip() if found else type(reason).__name__})"
     if isinstance(reason, urllib3.exceptions.ConnectTimeoutError):
         return "timed out connecting to the API server"
     if isinstance(reason, urllib3.exceptions.ReadTimeoutError | TimeoutError):
         return "the API server did not answer in time"
-    if isinstance(reason, urllib3.exceptions.NewConnectionError | ConnectionError):
-        found = _ERRNO_TEXT.search(str(reason))
-        return f"cannot connect to the API server ({found[1].strip() if found else type(reason).__name__})"
     if isinstance(reason, urllib3.exceptions.SSLError):
         return "TLS handshake with the API server failed"
     if isinstance(reason, urllib3.exceptions.ProtocolError):

@@ -17,9 +17,10 @@ from rotator.probes.http import HttpProbe
 from rotator.probes.sts import StsProbe
 from rotator.sinks.base import Sink
 from rotator.sinks.credentials_file import CredentialsFileSink
+from rotator.sinks.kubernetes import KubernetesSink
 from rotator.sinks.vault import VaultSink
 
-_BUILTIN_SINKS: tuple[type[Sink[Any]], ...] = (CredentialsFileSink, VaultSink,)
+_BUILTIN_SINKS: tuple[type[Sink[Any]], ...] = (CredentialsFileSink, VaultSink, KubernetesSink)
 _BUILTIN_PROBES: tuple[type[Probe[Any]], ...] = (StsProbe, HttpProbe)
 
 

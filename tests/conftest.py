@@ -176,7 +176,7 @@ def assert_invariants(aws: Aws, user: str, files: list[tuple[Path, str]]) -> Non
 # VAULT_ADDR and VAULT_TOKEN set and `-m vault_real`, on that real Vault), VAULT_TOKEN set to a token
 # that may do anything there, every other VAULT_* variable cleared.
 
-_REAL_VAULT = (os.environ.get("VAULT_ADDR", ""), os.environ.get("VAULT_TOKEN", ""))
+_REAL_VAULT = {name: os.environ.get(name) for name in ("VAULT_ADDR", "VAULT_TOKEN", "VAULT_CACERT")}
 
 
 @pytest.fixture(scope="session")
@@ -189,26 +189,70 @@ def openbao() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session", params=["openbao", *(
-    [pytest.param("real", marks=pytest.mark.vault_real)] if all(_REAL_VAULT) else [])])
-def vault_server(request: pytest.FixtureRequest) -> tuple[str, str, bool]:
-    """(url, admin token, whether it is the local OpenBao)."""
+    [pytest.param("real", marks=pytest.mark.vault_real)]
+    if _REAL_VAULT["VAULT_ADDR"] and _REAL_VAULT["VAULT_TOKEN"] else [])])
+def vault_server(request: pytest.FixtureRequest) -> Any:
+    from tests.fakes.openbao import VaultServer
+
     if request.param == "openbao":
         server = request.getfixturevalue("openbao")
-        return server.url, server.root_token, True
+        return VaultServer(server.url, server.root_token, local=True)
     markexpr = request.config.getoption("markexpr", "") or ""
     if "vault_real" not in markexpr or "not vault_real" in markexpr:
         pytest.skip("real Vault tests run only when selected: pytest -m vault_real (VAULT_ADDR, VAULT_TOKEN set)")
-    return _REAL_VAULT[0], _REAL_VAULT[1], False
+    return VaultServer(str(_REAL_VAULT["VAULT_ADDR"]), str(_REAL_VAULT["VAULT_TOKEN"]), local=False,
+                       ca_cert=_REAL_VAULT["VAULT_CACERT"])
 
 
 @pytest.fixture
-def vault(vault_server: tuple[str, str, bool], monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+def vault(vault_server: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     from tests.fakes.openbao import VaultStage
 
     for name in [n for n in os.environ if n.startswith("VAULT_")]:
         monkeypatch.delenv(name)
-    url, token, local = vault_server
-    monkeypatch.setenv("VAULT_TOKEN", token)
-    stage = VaultStage(url, token, local=local)
+    monkeypatch.setenv("VAULT_TOKEN", vault_server.token)
+    stage = VaultStage(vault_server)
     yield stage
     stage.cleanup()
+
+
+# ---- kubernetes (kubernetes sink, leader election) ----------------------------------------------------
+# `kube_api_server`: one fake Kubernetes API server (tests/fakes/kube_api.py, its Python API documented at
+# the top) for the session. `kube_api`: per test, that server reset, a kubeconfig pointing at it written
+# to tmp_path (also as `kube_api.kubeconfig`), KUBECONFIG set to it, in-cluster variables cleared.
+# `kube`: a Cluster (tests/fakes/kube_cluster.py) with a fresh namespace, on the fake; with
+# ROTATOR_REAL_KUBE=1 and KUBECONFIG set, also on that real cluster (marked kube_real: -m kube_real).
+
+_REAL_KUBECONFIG = os.environ.get("KUBECONFIG") if os.environ.get("ROTATOR_REAL_KUBE") == "1" else None
+
+
+@pytest.fixture(scope="session")
+def kube_api_server() -> Iterator[Any]:
+    from tests.fakes.kube_api import FakeKubeApi
+
+    server = FakeKubeApi()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def kube_api(kube_api_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    kube_api_server.reset()
+    kube_api_server.kubeconfig = kube_api_server.write_kubeconfig(tmp_path / "kubeconfig")
+    monkeypatch.setenv("KUBECONFIG", str(kube_api_server.kubeconfig))
+    for name in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    return kube_api_server
+
+
+@pytest.fixture(params=["fake", *([pytest.param("real", marks=pytest.mark.kube_real)] if _REAL_KUBECONFIG else [])])
+def kube(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from tests.fakes.kube_cluster import FakeCluster, RealCluster
+
+    if request.param == "fake":
+        return FakeCluster(request.getfixturevalue("kube_api"))
+    monkeypatch.setenv("KUBECONFIG", str(_REAL_KUBECONFIG))
+    cluster = RealCluster()
+    request.addfinalizer(cluster.cleanup)
+    return cluster
+# ---- end kubernetes ------------------------------------------------------------------------------------

@@ -70,6 +70,11 @@ class WorkloadRef:
     def resource(self) -> str:
         return self.kind + "s"
 
+    @property
+    def method_suffix(self) -> str:
+        """How the official client's AppsV1Api spells the kind: ``read_namespaced_stateful_set``."""
+        return {"statefulset": "stateful_set", "daemonset": "daemon_set"}.get(self.kind, self.kind)
+
     def __str__(self) -> str:
         return f"{self.kind}/{self.name}"
 
@@ -234,7 +239,7 @@ class Rollout:
     def _restart(self, ref: WorkloadRef) -> None:
         stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         body = {"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: stamp}}}}}
-        patch = getattr(self._apps(), f"patch_namespaced_{ref.kind}")
+        patch = getattr(self._apps(), f"patch_namespaced_{ref.method_suffix}")
         try:
             kube.call(patch, ref.name, self.namespace, body, timeout=self.request_timeout,
                       _content_type=_STRATEGIC_MERGE)
@@ -243,7 +248,7 @@ class Rollout:
         self._log.info("rollout restarted", workload=str(ref), restarted_at=stamp)
 
     def _read(self, ref: WorkloadRef, *, missing_ok: bool = False) -> dict[str, Any] | None:
-        read = getattr(self._apps(), f"read_namespaced_{ref.kind}")
+        read = getattr(self._apps(), f"read_namespaced_{ref.method_suffix}")
         try:
             obj: dict[str, Any] = kube.call(read, ref.name, self.namespace, timeout=self.request_timeout)
         except k8s.ApiException as exc:
@@ -281,11 +286,10 @@ class Rollout:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                what = "; ".join(f"{t.ref}: {left}" for t, left in waiting)
-                names = ", ".join(str(t.ref) for t, _ in waiting)
-                raise self._error(f"{names} did not become ready within {_seconds(self.timeout)} ({what})")
+                what = ", ".join(f"{t.ref} ({left})" for t, left in waiting)
+                raise self._error(f"{what}: not complete and ready within rollout_timeout {_seconds(self.timeout)}")
             shutdown.sleep(min(pause, remaining))
-            pause = min(pause * 2, _MAX_POLL)
+            pause = min(pause * 1.5, _MAX_POLL)
 
 
 def _seconds(value: float) -> str:

@@ -97,8 +97,6 @@ class VaultReceipt(Receipt):
     written_key_id: str
     previous: dict[str, Any]
     """rotator's two fields as they were (the secret wrapped in ``Secret``); a field that was absent is missing."""
-    written_version: int | None = None
-    """KV v2: the version rotator's write created."""
 
 
 @dataclass(frozen=True)
@@ -120,7 +118,7 @@ class VaultSink(Sink[VaultSinkConfig]):
         connection = Connection(config.url, config.namespace, verify, config.timeout.total_seconds())
         self._log = log.get().bind(sink=self.name, user=user)
         self._session = VaultSession(connection, config.auth, self._log)
-        self._kv_version: int | None = config.kv_version
+        self._kv_version: int | None = None  # found on first use
 
     @property
     def name(self) -> str:
@@ -173,8 +171,8 @@ class VaultSink(Sink[VaultSinkConfig]):
                 written = self._put(data, current.version)
                 if written is not None:
                     break
-            receipt = VaultReceipt(credentials.access_key_id, previous, written or None)
-            if written:
+            receipt = VaultReceipt(credentials.access_key_id, previous)
+            if written:  # a KV v2 version
                 self._record_or_undo(receipt, written)
         self._log.info("vault secret written", key_id=credentials.access_key_id, version=written or None)
         return receipt
@@ -245,21 +243,29 @@ class VaultSink(Sink[VaultSinkConfig]):
     # -- KV v1 and v2 -----------------------------------------------------------------------------
 
     def _kv(self) -> int:
+        """The mount's KV version, as the Vault CLI finds it; ``kv_version`` when the token may not see it."""
         if self._kv_version is None:
-            mount = self.config.mount
-            reply = self._session.request("GET", f"sys/internal/ui/mounts/{mount}", accept=(400, 403, 404),
-                                          what=f"look up the mount {mount}/")
-            if reply.status != 200:  # the token may not see the mount table; KV v2 is the default
-                self._log.debug("vault mount not visible; assuming KV v2", status=reply.status)
-                self._kv_version = 2
-                return 2
-            engine, found = reply.data.get("type"), str(reply.data.get("path", "")).strip("/")
-            if found and found != mount:
-                raise VaultFailure(f"{mount}/ is not a mount but a path inside the mount {found}/; set mount: {found}")
-            if engine not in ("kv", "generic"):
-                raise VaultFailure(f"the mount {mount}/ is a {engine} secrets engine, not KV")
-            self._kv_version = 2 if str((reply.data.get("options") or {}).get("version")) == "2" else 1
+            detected = self._detect_kv_version()
+            configured = self.config.kv_version
+            if detected and configured and detected != configured:
+                raise VaultFailure(f"the mount {self.config.mount}/ is KV version {detected}, but kv_version: "
+                                   f"{configured} is configured")
+            self._kv_version = detected or configured or 2
         return self._kv_version
+
+    def _detect_kv_version(self) -> int | None:
+        mount = self.config.mount
+        reply = self._session.request("GET", f"sys/internal/ui/mounts/{mount}", accept=(400, 403, 404),
+                                      what=f"look up the mount {mount}/")
+        if reply.status != 200:  # a token sees only mounts it has access to (or the mount is missing)
+            self._log.debug("vault mount not visible; KV version from the config, else 2", status=reply.status)
+            return None
+        engine, found = reply.data.get("type"), str(reply.data.get("path", "")).strip("/")
+        if found and found != mount:
+            raise VaultFailure(f"{mount}/ is not a mount but a path inside the mount {found}/; set mount: {found}")
+        if engine not in ("kv", "generic"):
+            raise VaultFailure(f"the mount {mount}/ is a {engine} secrets engine, not KV")
+        return 2 if str((reply.data.get("options") or {}).get("version")) == "2" else 1
 
     def _api_path(self, kind: str) -> str:
         mount, path = self.config.mount, self.config.path
@@ -291,15 +297,21 @@ class VaultSink(Sink[VaultSinkConfig]):
             return None
         return int(reply.data.get("version", 0))
 
-    def _delete(self, version: int) -> int:
-        """Make the path hold nothing: on KV v2 delete exactly ``version`` (history stays), on v1 the path."""
+    def _delete(self, version: int) -> int | None:
+        """Make the path hold nothing: on KV v2 delete exactly ``version`` (history stays), on v1 the path.
+
+        None (v2) when another write came first, so the path still holds something: read again."""
         if self._kv() == 1:
             path = self._api_path("")
             self._session.request("DELETE", path, what=f"delete {path}")
-        else:
-            path = self._api_path("delete")
-            self._session.request("POST", path, what=f"delete version {version} of {self.config.path}",
-                                  payload={"versions": [version]})
+            return 0
+        path = self._api_path("delete")
+        self._session.request("POST", path, what=f"delete version {version} of {self.config.path}",
+                              payload={"versions": [version]})
+        if self._read_current().version != version:
+            self._log.warning("vault secret changed while its version was deleted; reading it again",
+                              deleted_version=version)
+            return None
         return version
 
     def _attempts(self, what: str) -> Iterator[int]:

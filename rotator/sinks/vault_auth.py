@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -99,10 +98,12 @@ class Reply:
 class _Token:
     value: Secret
     ttl: float
-    """Seconds granted when obtained or last renewed; 0: it never expires."""
+    """Seconds it had left at ``since`` (when obtained, looked up or renewed); 0: it never expires."""
     renewable: bool
     since: float
     """Monotonic time of the grant."""
+    period: float = 0
+    """The TTL to ask for when renewing: what the token was created with."""
     exhausted: bool = False
     """Renewal is capped or refused and there is no way to log in again: use it until it expires."""
     stale: bool = False
@@ -121,12 +122,11 @@ class _Token:
 
 
 class VaultSession:
-    def __init__(self, connection: Connection, auth: TokenAuth | AppRoleAuth | KubernetesAuth, logger: Any,
-                 *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, connection: Connection, auth: TokenAuth | AppRoleAuth | KubernetesAuth, logger: Any) -> None:
         self.connection = connection
         self.auth = auth
         self._log = logger
-        self._clock = clock
+        self._clock = time.monotonic
         self._token: _Token | None = None
         # token="" keeps hvac from reading VAULT_TOKEN or ~/.vault-token itself; rotator passes it per request
         self._client = hvac.Client(url=connection.url, token="", verify=connection.verify,
@@ -219,8 +219,8 @@ class VaultSession:
         granted = reply.body.get("auth") or {}
         if not isinstance(granted, dict) or not granted.get("client_token"):
             raise VaultFailure(f"cannot log in ({auth.method}) at {path}: Vault returned no token")
-        token = _Token(Secret(str(granted["client_token"])), float(granted.get("lease_duration") or 0),
-                       bool(granted.get("renewable")), self._clock())
+        ttl = float(granted.get("lease_duration") or 0)
+        token = _Token(Secret(str(granted["client_token"])), ttl, bool(granted.get("renewable")), self._clock(), ttl)
         self._log.info("vault login", method=auth.method, ttl_s=token.ttl, renewable=token.renewable)
         return token
 
@@ -261,7 +261,9 @@ class VaultSession:
         if reply.status == 403:
             self._log.debug("vault token cannot look itself up; not renewing it")
             return _Token(value, 0, False, self._clock())
-        return _Token(value, float(reply.data.get("ttl") or 0), bool(reply.data.get("renewable")), self._clock())
+        data = reply.data
+        ttl = float(data.get("ttl") or 0)
+        return _Token(value, ttl, bool(data.get("renewable")), self._clock(), float(data.get("creation_ttl") or ttl))
 
     def _refresh(self, token: _Token) -> _Token:
         can_log_in = not isinstance(self.auth, TokenAuth)
@@ -272,21 +274,25 @@ class VaultSession:
                 return self._look_up(fresh)
             return replace(token, stale=True)
         if token.renewable:
-            wanted = int(token.ttl)
-            reply = self._call("POST", "auth/token/renew-self", what="renew the token", payload={"increment": wanted},
-                               accept=(400, 403), token=token.value.reveal())
-            granted = float((reply.body.get("auth") or {}).get("lease_duration") or 0) if reply.status < 400 else 0
-            if granted >= wanted:
-                self._log.info("vault token renewed", ttl_s=granted)
-                return _Token(token.value, granted, True, self._clock())
-            reason = f"renewal capped at {granted:g}s (max TTL)" if reply.status < 400 else "renewal refused"
+            wanted = int(token.period or token.ttl)
+            try:
+                reply = self._call("POST", "auth/token/renew-self", what="renew the token",
+                                   payload={"increment": wanted}, token=token.value.reveal())
+            except VaultFailure as exc:  # e.g. past its max TTL (Vault answers 400, OpenBao 500)
+                granted, reason = token.ttl - (self._clock() - token.since), f"renewal refused ({exc})"
+            else:
+                granted = float((reply.body.get("auth") or {}).get("lease_duration") or 0)
+                if granted >= wanted:
+                    self._log.info("vault token renewed", ttl_s=granted)
+                    return _Token(token.value, granted, True, self._clock(), token.period)
+                reason = f"renewal capped at {granted:g}s (max TTL)"
         else:
             granted, reason = token.ttl - (self._clock() - token.since), "token is not renewable"
         if can_log_in:
             self._log.info("vault token expiring; logging in again", reason=reason)
             return self._obtain()
         self._log.warning("vault token cannot be renewed; using it until it expires", reason=reason)
-        return _Token(token.value, max(granted, 0.001), False, self._clock(), exhausted=True)
+        return _Token(token.value, max(granted, 0.001), False, self._clock(), token.period, exhausted=True)
 
 
 def _no_mount(reply: Reply) -> bool:

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 UID = 10001  # the deploy/kubernetes pods' runAsUser
+WRITABLE = "/tmp"  # noqa: S108 (the image's one writable path, asserted on; no temporary file is made here)
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE|AWS_|VAULT_|ROTATOR_CONFIG", re.I)
 COMPILERS = re.compile(r"\b(gcc|g\+\+|clang|cc|make|build-essential|rustc|cargo|python3?-dev)\b")
@@ -205,9 +206,9 @@ class TestFinalStage:
         env = dockerfile.final.env()
         [volume] = dockerfile.final.all("VOLUME")
 
-        assert json.loads(volume) == ["/tmp"]
+        assert json.loads(volume) == [WRITABLE]
         for name in ("HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME"):
-            assert env[name] == "/tmp" or env[name].startswith("/tmp/"), name
+            assert env[name] == WRITABLE or env[name].startswith(f"{WRITABLE}/"), name
         assert env["PYTHONDONTWRITEBYTECODE"] == "1"
 
     def test_no_secret_or_config_is_baked_in(self, dockerfile: Dockerfile) -> None:

@@ -28,7 +28,8 @@ IDENTITY = "rotator"  # rotator's own IAM user in these tests (at the root path,
 
 
 def load_policy() -> dict[str, Any]:
-    return json.loads(POLICY_FILE.read_text())
+    policy: dict[str, Any] = json.loads(POLICY_FILE.read_text())
+    return policy
 
 
 def as_list(value: str | list[str]) -> list[str]:

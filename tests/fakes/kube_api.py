@@ -88,8 +88,14 @@ Python API (for tests; these calls bypass authentication and RBAC, and are safe 
                                          # (default: annotation example.com/competitor=N) and the
                                          # resourceVersion bumped, so a write carrying the version it
                                          # read gets 409 Conflict
+    api.fail_next(verb, resource, code, reason, message, times=1)
+                                         # answer the next matching request(s) with that error Status
+                                         # instead (say, a message that echoes the request body)
     api.response_delay = 0.0             # seconds every answer is held back (for client timeouts)
     api.hooks.append(fn)                 # fn(request) after every successful write through HTTP
+    api.before.append(fn)                # fn(request) before each authorized request is served (another
+                                         # actor acting at that exact moment, e.g. creating the object
+                                         # a client is about to create); runs without the lock held
 """
 
 from __future__ import annotations
@@ -227,11 +233,14 @@ class _Settings:
     user: str = "system:serviceaccount:rotator:rotator"
     node_count: int = 1
     hooks: list[Callable[[Request], None]] = field(default_factory=list)
+    before: list[Callable[[Request], None]] = field(default_factory=list)
 
 
 class FakeKubeApi:
     def __init__(self) -> None:
         self.token = "fake-kube-token-" + uuid.uuid4().hex
+        self.kubeconfig: Path | None = None
+        """Set by the ``kube_api`` fixture to the kubeconfig it wrote for the test."""
         self._lock = threading.RLock()
         self._epoch = 0
         self._reset_state()
@@ -249,6 +258,7 @@ class FakeKubeApi:
         self._desired: dict[tuple[str, str, str], int] = {}
         self._forbidden: list[_Rule] = []
         self._competitors: dict[tuple[str, str, str], _Competitor] = {}
+        self._injected: list[tuple[list[int], str, str, ApiError]] = []
         self.requests: list[Request] = []
         settings = _Settings()
         self.rollout_delay = settings.rollout_delay
@@ -257,6 +267,7 @@ class FakeKubeApi:
         self.user = settings.user
         self.node_count = settings.node_count
         self.hooks = settings.hooks
+        self.before = settings.before
         for namespace in ("default", "kube-system"):
             self._create(TYPES["namespaces"], "", {"metadata": {"name": namespace}})
 
@@ -291,6 +302,10 @@ class FakeKubeApi:
                 change: Callable[[dict[str, Any]], None] | None = None) -> None:
         with self._lock:
             self._competitors[(resource_type(resource).plural, namespace, name)] = _Competitor(times, change)
+
+    def fail_next(self, verb: str, resource: str, code: int, reason: str, message: str, times: int = 1) -> None:
+        with self._lock:
+            self._injected.append(([times], verb, resource_type(resource).plural, ApiError(code, reason, message)))
 
     def set_never_ready(self, kind: str, namespace: str, name: str, never: bool = True, *,
                         deadline_exceeded: bool = False) -> None:
@@ -362,7 +377,8 @@ class FakeKubeApi:
                 self._never_ready[key] = False
             return copy.deepcopy(self._objects[key])
 
-    def update(self, resource: str, namespace: str, name: str, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    def update(self, resource: str, namespace: str, name: str,
+               change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         rtype = resource_type(resource)
         with self._lock:
             current = self._get(rtype, namespace, name)
@@ -700,6 +716,9 @@ class FakeKubeApi:
             request.namespace, request.name = namespace, name
             request.verb = _verb(method, name, query)
             self._authorize(request, rtype, sub)
+            self._inject(request, rtype)
+            for hook in list(self.before):
+                hook(request)
             with self._lock:
                 code, answer = self._dispatch(request, rtype, namespace or "", name, sub)
             if request.verb in ("create", "update", "patch", "delete"):
@@ -708,6 +727,13 @@ class FakeKubeApi:
             return self._answer(request, code, answer)
         except ApiError as exc:
             return self._answer(request, exc.code, exc.status())
+
+    def _inject(self, request: Request, rtype: ResourceType) -> None:
+        with self._lock:
+            for left, verb, plural, error in self._injected:
+                if left[0] > 0 and verb in ("*", request.verb) and plural == rtype.plural:
+                    left[0] -= 1
+                    raise error
 
     def _answer(self, request: Request, code: int, body: Any) -> tuple[int, Any]:
         request.status = code
@@ -844,6 +870,7 @@ def _validated_secret(rtype: ResourceType, name: str, current: dict[str, Any] | 
 def _handler_for(api: FakeKubeApi) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body go out as two writes: no 40 ms delayed-ACK stall
 
         def log_message(self, *_args: object) -> None:
             pass

@@ -18,6 +18,21 @@ _ADMIN_POLICY = json.dumps(
 )
 
 
+OTHER_ACCOUNT = "111122223333"
+OTHER_ROLE = f"arn:aws:iam::{OTHER_ACCOUNT}:role/rotator"
+_TRUST_ANYONE = json.dumps(
+    {"Version": "2012-10-17",
+     "Statement": [{"Effect": "Allow", "Principal": {"AWS": "*"}, "Action": "sts:AssumeRole"}]}
+)
+
+
+def _in_account(account: str) -> Any:
+    """A botocore hook sending the request to another moto account (moto's own header for that)."""
+    def add_header(request: Any, **_kwargs: Any) -> None:
+        request.headers["x-moto-account-id"] = account
+    return add_header
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -41,13 +56,18 @@ class MotoServer:
             pass
 
     def fresh_account(self) -> Aws:
-        """Empty moto state, authentication on, one admin user whose key the tests and rotator use."""
+        """Empty moto state, authentication on, one admin user whose key the tests and rotator use, and in
+        a second account (OTHER_ACCOUNT) a role `rotator` with every permission, for assume-role tests."""
         self._post("/moto-api/reset")
-        self._post("/moto-api/reset-auth", b"3")  # the next 3 calls create the admin, then auth is on
+        self._post("/moto-api/reset-auth", b"5")  # the next 5 calls set up, then auth is on
         bootstrap = _client("iam", self.url, "AKIABOOTSTRAP0000000", "bootstrap")
         bootstrap.create_user(UserName="rotator-admin")
         bootstrap.put_user_policy(UserName="rotator-admin", PolicyName="all", PolicyDocument=_ADMIN_POLICY)
         key = bootstrap.create_access_key(UserName="rotator-admin")["AccessKey"]
+        other = _client("iam", self.url, "AKIABOOTSTRAP0000000", "bootstrap")
+        other.meta.events.register("before-sign.iam.*", _in_account(OTHER_ACCOUNT))
+        other.create_role(RoleName="rotator", AssumeRolePolicyDocument=_TRUST_ANYONE)
+        other.put_role_policy(RoleName="rotator", PolicyName="all", PolicyDocument=_ADMIN_POLICY)
         return Aws(self.url, key["AccessKeyId"], key["SecretAccessKey"])
 
 
@@ -83,11 +103,21 @@ class Aws:
             "AWS_ENDPOINT_URL": url or self.url,
         }
 
-    def create_user(self, name: str, *, keys: int = 1) -> list[tuple[str, str]]:
-        self.iam.create_user(UserName=name)
+    def other_account_iam(self) -> Any:
+        """The admin's IAM client in OTHER_ACCOUNT, through the role rotator assumes there."""
+        issued = _client("sts", self.url, self.admin_key, self.admin_secret).assume_role(
+            RoleArn=OTHER_ROLE, RoleSessionName="test-setup")["Credentials"]
+        return boto3.client("iam", endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id=issued["AccessKeyId"], aws_secret_access_key=issued["SecretAccessKey"],
+                            aws_session_token=issued["SessionToken"])
+
+    def create_user(self, name: str, *, keys: int = 1, path: str = "/", tags: dict[str, str] | None = None,
+                    iam: Any = None) -> list[tuple[str, str]]:
+        iam = iam or self.iam
+        iam.create_user(UserName=name, Path=path, Tags=[{"Key": k, "Value": v} for k, v in (tags or {}).items()])
         created = []
         for _ in range(keys):
-            key = self.iam.create_access_key(UserName=name)["AccessKey"]
+            key = iam.create_access_key(UserName=name)["AccessKey"]
             created.append((key["AccessKeyId"], key["SecretAccessKey"]))
         return created
 

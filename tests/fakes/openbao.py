@@ -37,6 +37,8 @@ from typing import Any
 
 import hvac
 
+from rotator.sinks.vault import VaultSink, VaultSinkConfig
+
 ROOT_TOKEN = "root"
 
 
@@ -131,6 +133,17 @@ class OpenBao:
         shutil.rmtree(self.home, ignore_errors=True)
 
 
+def wait_for_kv2(client: hvac.Client, mount: str) -> None:
+    """A new KV v2 mount upgrades itself for a moment after it is enabled."""
+    for _ in range(250):
+        try:
+            client.secrets.kv.v2.read_configuration(mount_point=mount)
+            return
+        except hvac.exceptions.VaultError:
+            time.sleep(0.02)
+    raise RuntimeError(f"KV v2 mount {mount} never became ready")
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
 
@@ -151,13 +164,8 @@ class VaultAdmin:
         mount = unique(f"kv{version}")
         self.client.sys.enable_secrets_engine("kv", path=mount, options={"version": str(version)})
         self.mounts.append(mount)
-        if version == 2:  # a new v2 mount upgrades itself for a moment after it is enabled
-            for _ in range(100):
-                try:
-                    self.client.secrets.kv.v2.read_configuration(mount_point=mount)
-                    break
-                except Exception:
-                    time.sleep(0.02)
+        if version == 2:
+            wait_for_kv2(self.client, mount)
         return mount
 
     def policy(self, hcl: str) -> str:
@@ -186,11 +194,11 @@ class VaultAdmin:
         self.auth_mounts.append(mount)
         return mount
 
-    def approle(self, *policies: str, token_ttl: str = "1h", token_max_ttl: str = "24h") -> tuple[str, str, str]:
+    def approle(self, *policies: str, ttl: str = "1h", max_ttl: str = "24h") -> tuple[str, str, str]:
         """(mount, role_id, secret_id) of a new AppRole role whose tokens get ``policies``."""
         mount = self.enable_auth("approle")
         self.client.auth.approle.create_or_update_approle("rotator", token_policies=list(policies),
-                                                          token_ttl=token_ttl, token_max_ttl=token_max_ttl,
+                                                          token_ttl=ttl, token_max_ttl=max_ttl,
                                                           mount_point=mount)
         role_id = self.client.auth.approle.read_role_id("rotator", mount_point=mount)["data"]["role_id"]
         secret_id = self.client.auth.approle.generate_secret_id("rotator", mount_point=mount)["data"]["secret_id"]
@@ -230,6 +238,36 @@ class VaultAdmin:
             self.client.sys.disable_auth_method(mount)
         self.mounts.clear()
         self.auth_mounts.clear()
+
+
+@dataclass(frozen=True)
+class VaultServer:
+    """Where the vault tests run: the session's OpenBao, or (opt-in) a real Vault."""
+
+    url: str
+    token: str
+    local: bool
+    """The local OpenBao: the tests may also stop it, seal it, or point it at a local TokenReview."""
+    ca_cert: str | None = None
+
+
+class VaultStage(VaultAdmin):
+    """One test's corner of the server: a fresh KV v2 mount, and vault sink configs that point at it."""
+
+    def __init__(self, server: VaultServer) -> None:
+        super().__init__(server.url, server.token, verify=server.ca_cert or True)
+        self.server = server
+        self.mount = self.kv_mount(2)
+
+    def config(self, **settings: Any) -> dict[str, Any]:
+        """A vault sink entry (as in the YAML) for a new path in the test's mount; ``settings`` override."""
+        entry: dict[str, Any] = {"type": "vault", "url": self.url, "mount": self.mount, "path": unique("apps/app")}
+        if self.server.ca_cert:
+            entry["ca_cert"] = self.server.ca_cert
+        return {**entry, **settings}
+
+    def sink(self, user: str = "app", **settings: Any) -> VaultSink:
+        return VaultSink(VaultSinkConfig.model_validate(self.config(**settings)), user)
 
 
 @dataclass
@@ -274,12 +312,12 @@ class VaultProxy:
             def _any(self) -> None:
                 proxy._handle(self)
 
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_LIST = _any  # noqa: N815
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_LIST = _any
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
         body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
@@ -364,7 +402,7 @@ class TokenReviewServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def stop(self) -> None:
         self.httpd.shutdown()

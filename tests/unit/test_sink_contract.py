@@ -41,13 +41,44 @@ def _credentials_file_at_a_directory(_request: pytest.FixtureRequest, tmp_path: 
     return CredentialsFileSink(config, USER)
 
 
+def _vault(request: pytest.FixtureRequest, tmp_path: Path, token: str | None = None) -> Sink[Any]:
+    """A fresh path on the session's OpenBao (its dev `secret/` mount, KV v2), root token from a file."""
+    from rotator.sinks.vault import VaultSink, VaultSinkConfig
+
+    server = request.getfixturevalue("openbao")
+    (tmp_path / "vault-token").write_text(token or server.root_token)
+    config = VaultSinkConfig(type="vault", url=server.url, path=f"contract/{secrets.token_hex(6)}",
+                             auth={"method": "token", "token_file": str(tmp_path / "vault-token")})
+    return VaultSink(config, USER)
+
+
+def _vault_with_a_token_vault_does_not_know(request: pytest.FixtureRequest, tmp_path: Path) -> Sink[Any]:
+    return _vault(request, tmp_path, token="s.revoked-or-never-issued")
+
+
+def _kubernetes(request: pytest.FixtureRequest, _tmp_path: Path, namespace: str = "default") -> Sink[Any]:
+    """Secret `contract-aws` on the fake Kubernetes API server, reached through a kubeconfig."""
+    from rotator.sinks.kubernetes import KubernetesSink, KubernetesSinkConfig
+
+    request.getfixturevalue("kube_api")
+    return KubernetesSink(KubernetesSinkConfig(type="kubernetes", namespace=namespace, name="contract-aws"), USER)
+
+
+def _kubernetes_in_a_missing_namespace(request: pytest.FixtureRequest, tmp_path: Path) -> Sink[Any]:
+    return _kubernetes(request, tmp_path, namespace="no-such-namespace")
+
+
 WORKING: dict[str, SinkFactory] = {
     "credentials_file": _credentials_file,
+    "vault": _vault,
+    "kubernetes": _kubernetes,
 }
 """type name -> a sink for user "app" that can be written to."""
 
 FAILING: dict[str, SinkFactory] = {
     "credentials_file": _credentials_file_at_a_directory,
+    "vault": _vault_with_a_token_vault_does_not_know,
+    "kubernetes": _kubernetes_in_a_missing_namespace,
 }
 """type name -> a sink for user "app" whose write fails (the failure mode each sink documents)."""
 

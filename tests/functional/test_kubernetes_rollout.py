@@ -1,0 +1,193 @@
+"""The kubernetes sink's consumers: workloads rolled as `kubectl rollout restart` does and awaited until
+complete and ready, before the write returns (and so before the engine may retire the old key).
+
+Tests taking ``kube`` run on the fake API server and, with ``-m kube_real``, on a real cluster; tests
+taking ``kube_api`` use what only the fake can do.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+from rotator.sinks.kube_rollout import progress
+from tests.fakes.kube_api import FakeKubeApi, Request
+from tests.fakes.kube_cluster import Cluster
+from tests.functional.kube_helpers import NAME, OLD, TEAM, failure, make_sink, new_credentials, old_data, on
+
+RELOAD_THIS_SECRET = {"secret.reloader.stakater.com/reload": f"other,{NAME}"}
+
+
+def patches(api: FakeKubeApi, name: str = "app") -> list[Request]:
+    return [r for r in api.requests_for(verb="patch", name=name) if r.status == 200]
+
+
+def complete(kube: Cluster, kind: str, name: str) -> bool:
+    return progress(kind, kube.workload(kind, name)) is None
+
+
+@pytest.fixture
+def team(kube_api: FakeKubeApi) -> FakeKubeApi:
+    kube_api.add_namespace(TEAM)
+    kube_api.add_secret(TEAM, NAME, old_data())
+    return kube_api
+
+
+class TestRestartAndWait:
+    @pytest.mark.parametrize("kind", ["deployment", "statefulset", "daemonset"])
+    def test_the_workload_is_restarted_like_kubectl_and_ready_when_write_returns(
+        self, kube: Cluster, kind: str
+    ) -> None:
+        """The pod template gets kubectl.kubernetes.io/restartedAt; the write returns only once the
+        controller reports the new generation rolled out: updated, ready and available."""
+        kube.add_secret(NAME, old_data())
+        kube.add_workload(kind, "app", secret=NAME)
+        before = kube.workload(kind, "app")["metadata"]["generation"]
+
+        on(kube, restart=[f"{kind}/app"]).write(new_credentials())
+
+        stamp = kube.restarted_at(kind, "app")
+        assert stamp is not None
+        datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+        after = kube.workload(kind, "app")
+        assert after["metadata"]["generation"] > before
+        assert complete(kube, kind, "app")
+
+    def test_a_strategic_merge_patch_of_the_template_annotation_is_all_that_is_sent(self, team: FakeKubeApi) -> None:
+        team.add_workload("deployment", TEAM, "app", secret=NAME)
+
+        make_sink(TEAM, restart=["deploy/app"]).write(new_credentials())
+
+        [patch] = patches(team)
+        assert patch.content_type == "application/strategic-merge-patch+json"
+        assert list(patch.body) == ["spec"] and list(patch.body["spec"]) == ["template"]
+        assert list(patch.body["spec"]["template"]["metadata"]["annotations"]) == ["kubectl.kubernetes.io/restartedAt"]
+
+    def test_several_workloads_roll_together(self, team: FakeKubeApi) -> None:
+        for kind, name in (("deployment", "web"), ("statefulset", "db"), ("daemonset", "agent")):
+            team.add_workload(kind, TEAM, name, secret=NAME)
+
+        make_sink(TEAM, restart=["deployment/web", "sts/db", "ds/agent"]).write(new_credentials())
+
+        assert all(team.restarted_at(kind, TEAM, name) for kind, name in
+                   (("deployment", "web"), ("statefulset", "db"), ("daemonset", "agent")))
+
+    def test_rollback_rolls_the_workloads_again(self, kube: Cluster) -> None:
+        kube.add_secret(NAME, old_data())
+        kube.add_workload("deployment", "app", secret=NAME)
+        sink = on(kube, restart=["deployment/app"])
+        receipt = sink.write(new_credentials())
+        first = kube.restarted_at("deployment", "app")
+
+        sink.rollback(receipt)
+
+        assert sink.read() == OLD
+        assert kube.restarted_at("deployment", "app") != first
+        assert complete(kube, "deployment", "app")
+
+
+class TestRolloutFailure:
+    def test_a_rollout_that_never_becomes_ready_fails_naming_workload_sink_and_user(self, kube: Cluster) -> None:
+        """The engine gets no receipt from a failed write, so the sink itself puts the old key back and
+        rolls the workload again before raising (and the engine then rolls back the rest)."""
+        kube.add_secret(NAME, old_data())
+        kube.add_workload("deployment", "app", secret=NAME, never_ready=True)
+        sink = on(kube, restart=["deployment/app"], rollout_timeout=kube.stuck_timeout)
+
+        message = failure(sink)
+
+        assert "deployment/app" in message and "not complete and ready within rollout_timeout" in message
+        assert sink.read() == OLD
+        assert kube.restarted_at("deployment", "app") is not None
+
+    def test_the_failed_rollout_is_rolled_again_with_the_old_key(self, team: FakeKubeApi) -> None:
+        team.add_workload("deployment", TEAM, "app", secret=NAME, never_ready=True)
+        seen: list[dict[str, str] | None] = []
+        team.hooks.append(lambda r: seen.append(team.secret_data(TEAM, NAME)) if r.verb == "patch" else None)
+
+        failure(make_sink(TEAM, restart=["deployment/app"], rollout_timeout="0.4s"))
+
+        assert len(patches(team)) == 2
+        assert seen[0] != old_data() and seen[1] == old_data()  # the second roll reads the old key
+
+    def test_progress_deadline_exceeded_fails_without_waiting_for_the_timeout(self, team: FakeKubeApi) -> None:
+        team.add_workload("deployment", TEAM, "app", secret=NAME)
+        team.set_never_ready("deployment", TEAM, "app", deadline_exceeded=True)
+
+        message = failure(make_sink(TEAM, restart=["deployment/app"], rollout_timeout="60s"))
+
+        assert "ProgressDeadlineExceeded" in message
+        assert team.secret_data(TEAM, NAME) == old_data()
+
+    def test_a_missing_workload_fails_before_the_secret_changes(self, kube: Cluster) -> None:
+        kube.add_secret(NAME, old_data())
+
+        message = failure(on(kube, restart=["deployment/ghost"]))
+
+        assert f"deployment/ghost does not exist in namespace {kube.namespace}" in message
+        assert kube.secret_data(NAME) == old_data()
+
+    @pytest.mark.parametrize(("kind", "spec", "why"), [
+        ("deployment", {"paused": True}, "is paused"),
+        ("statefulset", {"updateStrategy": {"type": "OnDelete"}}, "OnDelete"),
+        ("statefulset", {"updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": 1}}},
+         "partition (1)"),
+        ("daemonset", {"updateStrategy": {"type": "OnDelete"}}, "OnDelete"),
+    ])
+    def test_a_workload_a_restart_would_not_roll_is_refused_before_the_secret_changes(
+        self, team: FakeKubeApi, kind: str, spec: dict[str, Any], why: str
+    ) -> None:
+        team.add_workload(kind, TEAM, "app", secret=NAME)
+        team.update(kind, TEAM, "app", lambda w: w["spec"].update(spec))
+
+        message = failure(make_sink(TEAM, restart=[f"{kind}/app"]))
+
+        assert f"{kind}/app" in message and why in message
+        assert not team.requests_for(verb="update", resource="secrets")
+
+    def test_a_forbidden_restart_puts_the_secret_back(self, team: FakeKubeApi) -> None:
+        team.add_workload("deployment", TEAM, "app", secret=NAME)
+        team.forbid("patch", "deployments", "app")
+
+        message = failure(make_sink(TEAM, restart=["deployment/app"]))
+
+        assert "forbidden (403)" in message and "patch deployments/app" in message
+        assert team.secret_data(TEAM, NAME) == old_data()
+
+
+class TestReloader:
+    def test_a_workload_reloader_rolls_is_not_patched_but_awaited(self, team: FakeKubeApi) -> None:
+        """With reloader: true, Reloader restarts it when the Secret changes; rotator waits for that."""
+        team.add_workload("deployment", TEAM, "app", secret=NAME, annotations=RELOAD_THIS_SECRET)
+        team.hooks.append(lambda r: team.restart("deployment", TEAM, "app")
+                          if r.verb == "update" and r.resource == "secrets" else None)
+
+        make_sink(TEAM, restart=["deployment/app"], reloader=True).write(new_credentials())
+
+        assert patches(team) == []
+        assert team.restarted_at("deployment", TEAM, "app") is not None
+        assert progress("deployment", team.get("deployment", TEAM, "app") or {}) is None
+
+    def test_a_reloader_that_never_acts_fails_the_write(self, team: FakeKubeApi) -> None:
+        team.add_workload("deployment", TEAM, "app", secret=NAME, annotations=RELOAD_THIS_SECRET)
+
+        message = failure(make_sink(TEAM, restart=["deployment/app"], reloader=True, rollout_timeout="0.4s"))
+
+        assert "waiting for Reloader" in message
+        assert team.secret_data(TEAM, NAME) == old_data()
+
+    def test_without_reloader_true_annotated_workloads_are_restarted_by_rotator(self, team: FakeKubeApi) -> None:
+        team.add_workload("deployment", TEAM, "app", secret=NAME, annotations=RELOAD_THIS_SECRET)
+
+        make_sink(TEAM, restart=["deployment/app"]).write(new_credentials())
+
+        assert len(patches(team)) == 1
+
+    def test_reloader_true_still_restarts_workloads_without_its_annotations(self, team: FakeKubeApi) -> None:
+        team.add_workload("deployment", TEAM, "app", secret=NAME)
+
+        make_sink(TEAM, restart=["deployment/app"], reloader=True).write(new_credentials())
+
+        assert len(patches(team)) == 1

@@ -1,0 +1,180 @@
+"""`rotator run`, the long-running service, as a real process against moto's server: its HTTP port is
+scraped, it is stopped with SIGTERM (also mid-rotation), and two of them run side by side."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import AppUser, ConfigWriter, assert_invariants, file_sink, read_profile, spawn
+from tests.fakes.aws_proxy import AwsProxy
+from tests.fakes.moto_aws import Aws, free_port
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except (urllib.error.URLError, OSError):
+        return 0, ""  # not listening (yet)
+
+
+def wait_for(predicate, timeout: float = 30.0, every: float = 0.2) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(every)
+    raise AssertionError("condition not met in time")
+
+
+def new_key_call(aws: Aws, app: AppUser):  # type: ignore[no-untyped-def]
+    return lambda c: c.action == "GetCallerIdentity" and c.access_key not in (None, aws.admin_key, app.key_id)
+
+
+@pytest.fixture
+def service_config(app: AppUser, write_config: ConfigWriter) -> tuple[Path, str]:
+    port = free_port()
+    config = write_config([{"name": "app", "max_key_age": "0s", "sinks": [file_sink(app)]}],
+                          service={"listen": f"127.0.0.1:{port}", "interval": "1h", "jitter": "0s",
+                                   "shutdown_timeout": "30s"})
+    return config, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def stop_processes() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+class TestService:
+    def test_serves_health_readiness_and_metrics_and_rotates_due_users(
+        self, aws: Aws, app: AppUser, service_config: tuple[Path, str], stop_processes: list
+    ) -> None:
+        """Invariant 1 under the service: the first pass runs at start and rotates the due user; the
+        metrics say so; SIGTERM ends the service with exit 0."""
+        config, url = service_config
+        process = spawn("--config", config, "run")
+        stop_processes.append(process)
+
+        wait_for(lambda: get(url + "/healthz")[0] == 200 if process.poll() is None else True)
+        wait_for(lambda: 'rotator_rotations_total{outcome="rotated",user="app"} 1.0' in get(url + "/metrics")[1]
+                 and "rotator_last_successful_pass_timestamp_seconds 0.0" not in get(url + "/metrics")[1])
+        status, body = get(url + "/readyz")
+        metrics = get(url + "/metrics")[1]
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+
+        assert status == 200 and json.loads(body)["iam_reachable"] is True
+        assert 'rotator_active_key_age_seconds{user="app"}' in metrics
+        assert "rotator_last_successful_pass_timestamp_seconds" in metrics
+        assert 'rotator_interrupted_rotations{user="app"} 0.0' in metrics
+        assert process.returncode == 0, stderr
+        assert read_profile(app.credentials_file, "app")[0] != app.key_id
+        assert_invariants(aws, "app", [(app.credentials_file, "app")])
+
+    def test_sigterm_during_a_rotation_rolls_it_back_and_exits_0(
+        self, aws: Aws, app: AppUser, service_config: tuple[Path, str], proxy: AwsProxy, stop_processes: list
+    ) -> None:
+        """Invariants 1 and 2 on shutdown: the in-flight rotation is undone before the service exits."""
+        config, _ = service_config
+        before = app.credentials_file.read_bytes()
+        hold = proxy.hold(new_key_call(aws, app))
+        process = spawn("--config", config, "run")
+        stop_processes.append(process)
+        assert hold.arrived.wait(timeout=60)
+
+        process.send_signal(signal.SIGTERM)
+        hold.release.set()  # the request in flight completes; the next check sees the termination
+        _, stderr = process.communicate(timeout=60)
+        proxy.holds.clear()
+
+        assert process.returncode == 0, stderr
+        assert "received SIGTERM" in stderr
+        assert app.credentials_file.read_bytes() == before
+        assert aws.keys("app") == {app.key_id: "Active"}
+        assert_invariants(aws, "app", [(app.credentials_file, "app")])
+
+    def test_readyz_is_503_while_aws_is_unreachable(
+        self, aws: Aws, app: AppUser, service_config: tuple[Path, str], stop_processes: list, monkeypatch
+    ) -> None:
+        """Readiness reflects whether IAM can be reached; liveness does not."""
+        config, url = service_config
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+        process = spawn("--config", config, "run")
+        stop_processes.append(process)
+
+        wait_for(lambda: get(url + "/healthz")[0] == 200)
+        status, body = get(url + "/readyz")
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+
+        assert status == 503 and json.loads(body)["iam_reachable"] is False
+        assert process.returncode == 0
+
+
+class TestTwoAtOnceOnOneHost:
+    def test_two_passes_at_once_rotate_a_user_only_once(
+        self, aws: Aws, app: AppUser, write_config: ConfigWriter, proxy: AwsProxy, stop_processes: list
+    ) -> None:
+        """Invariant 6: a second `run --once` next to a running one stands aside for the user it holds."""
+        config = write_config([{"name": "app", "max_key_age": "0s", "sinks": [file_sink(app)]}])
+        hold = proxy.hold(new_key_call(aws, app))
+        first = spawn("--config", config, "run", "--once")
+        stop_processes.append(first)
+        assert hold.arrived.wait(timeout=60)
+
+        second = spawn("--config", config, "run", "--once")
+        stop_processes.append(second)
+        second_out, second_err = second.communicate(timeout=60)
+        hold.release.set()
+        proxy.holds.clear()
+        first_out, first_err = first.communicate(timeout=60)
+
+        assert second.returncode == 0, second_err
+        assert "1 skipped" in second_out and "standing aside" in second_err + second_out or "1 skipped" in second_out
+        assert first.returncode == 0, first_err
+        assert "1 rotated" in first_out
+        creates = [c for c in proxy.calls if c.action == "CreateAccessKey"]
+        assert len(creates) == 1
+        assert_invariants(aws, "app", [(app.credentials_file, "app")])
+
+    def test_a_second_service_on_the_same_host_stands_by(
+        self, aws: Aws, app: AppUser, write_config: ConfigWriter, stop_processes: list, proxy: AwsProxy
+    ) -> None:
+        """Invariant 6: of two services sharing a lock directory, only one runs passes."""
+        ports = [free_port(), free_port()]
+        configs = [write_config([{"name": "app", "max_key_age": "0s", "sinks": [file_sink(app)]}],
+                                name=f"s{i}.yaml", service={"listen": f"127.0.0.1:{port}", "interval": "1h",
+                                                            "jitter": "0s"})
+                   for i, port in enumerate(ports)]
+        first = spawn("--config", configs[0], "run")
+        stop_processes.append(first)
+        wait_for(lambda: "rotator_leader 1.0" in get(f"http://127.0.0.1:{ports[0]}/metrics")[1]
+                 if first.poll() is None else True)
+        second = spawn("--config", configs[1], "run")
+        stop_processes.append(second)
+        wait_for(lambda: get(f"http://127.0.0.1:{ports[1]}/healthz")[0] == 200 if second.poll() is None else True)
+        wait_for(lambda: "rotator_leader 0.0" in get(f"http://127.0.0.1:{ports[1]}/metrics")[1])
+
+        for process in (first, second):
+            process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=60)
+        assert len([c for c in proxy.calls if c.action == "CreateAccessKey"]) == 1
+        assert_invariants(aws, "app", [(app.credentials_file, "app")])
+
+
