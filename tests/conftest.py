@@ -251,6 +251,9 @@ def kube(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any
 
     if request.param == "fake":
         return FakeCluster(request.getfixturevalue("kube_api"))
+    markexpr = request.config.getoption("markexpr", "") or ""
+    if "kube_real" not in markexpr or "not kube_real" in markexpr:
+        pytest.skip("real-cluster tests run only when selected: ROTATOR_REAL_KUBE=1 KUBECONFIG=... pytest -m kube_real")
     monkeypatch.setenv("KUBECONFIG", str(_REAL_KUBECONFIG))
     cluster = RealCluster()
     request.addfinalizer(cluster.cleanup)

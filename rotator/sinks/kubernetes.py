@@ -10,7 +10,8 @@ up to ``conflict_retries`` times. A missing Secret is created (``create``) with 
 Env vars and ``subPath`` mounts never see a changed Secret, so after the write the ``restart`` workloads
 are rolled and awaited (``kube_rollout``). A write whose rollout fails puts the Secret back and rolls
 the workloads again before raising, so the engine, which gets no receipt from a failed write, finds
-the sink as it was. The connection comes from ``rotator.kube.api_client`` (in-cluster or kubeconfig).
+the sink as it was. The connection comes from ``rotator.kube.api_client`` (in-cluster or kubeconfig);
+the API calls on the Secret are in ``kube_secret``.
 
 Failures name the sink, the user and what was attempted -- never an API server's error message, which
 can echo the request (and so the secret).
@@ -36,10 +37,10 @@ from rotator.credentials import Credentials, Secret
 from rotator.errors import DependencyError, SinkError
 from rotator.sinks.base import Receipt, Sink
 from rotator.sinks.kube_rollout import Rollout, WorkloadRef
+from rotator.sinks.kube_secret import SecretApi
 
 KEY_ID_ANNOTATION = "rotator.io/access-key-id"
 ROTATED_AT_ANNOTATION = "rotator.io/rotated-at"
-MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 _ANNOTATIONS = (KEY_ID_ANNOTATION, ROTATED_AT_ANNOTATION)
 _DATA_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -131,6 +132,8 @@ class KubernetesReceipt(Receipt):
     previous_data: tuple[tuple[str, Secret | None], ...]
     """Our two data keys and their base64 values before the write (None: absent)."""
     previous_annotations: tuple[tuple[str, str | None], ...]
+    written_key_id: str = ""
+    """The key id the write put there; rollback leaves alone a Secret that now holds another one."""
     rolled: tuple[WorkloadRef, ...] = ()
     """Workloads the write rolled (or left to Reloader); rollback rolls them again."""
 
@@ -152,10 +155,12 @@ class KubernetesSink(Sink[KubernetesSinkConfig]):
         self._client: k8s.ApiClient | None = None
         self._log = log.get().bind(sink=self.name, user=user)
         self._timeout = config.request_timeout.total_seconds()
+        self._secret = SecretApi(self._core, config.namespace, config.name, timeout=self._timeout, error=self.error,
+                                 logger=self._log)
         self._rollout = Rollout(
             self._apps, config.namespace, config.name, [WorkloadRef.parse(r) for r in config.restart],
             timeout=config.rollout_timeout.total_seconds(), request_timeout=self._timeout,
-            reloader=config.reloader, failure=self._failure, error=self.error, logger=self._log,
+            reloader=config.reloader, failure=self._secret.failure, error=self.error, logger=self._log,
         )
 
     @property
@@ -166,7 +171,7 @@ class KubernetesSink(Sink[KubernetesSinkConfig]):
     # -- the contract -------------------------------------------------------------------------------------
 
     def read(self) -> Credentials | None:
-        data = ((self._get() or {}).get("data")) or {}
+        data = ((self._secret.get() or {}).get("data")) or {}
         keys = self.config.keys
         encoded_id, encoded_secret = data.get(keys.access_key_id), data.get(keys.secret_access_key)
         if not encoded_id or not encoded_secret:
@@ -179,9 +184,9 @@ class KubernetesSink(Sink[KubernetesSinkConfig]):
         return Credentials(key_id, Secret(secret)) if key_id and secret else None
 
     def write(self, credentials: Credentials) -> Receipt:
-        current = self._get()
+        current = self._secret.get()
         targets = self._rollout.prepare(_annotations(current)) if self._rollout.workloads else []
-        receipt = self._put(credentials, current)
+        receipt = replace(self._put(credentials, current), written_key_id=credentials.access_key_id)
         rolled: list[WorkloadRef] = []
         try:
             self._rollout.roll(targets, rolled)
@@ -193,7 +198,7 @@ class KubernetesSink(Sink[KubernetesSinkConfig]):
     def rollback(self, receipt: Receipt) -> None:
         if not isinstance(receipt, KubernetesReceipt):
             raise self.error(f"cannot roll back with a {type(receipt).__name__} from another sink")
-        current = self._get()
+        current = self._secret.get()
         try:
             targets = (self._rollout.prepare(_annotations(current), receipt.rolled, missing_ok=True)
                        if receipt.rolled else [])
@@ -240,9 +245,9 @@ class KubernetesSink(Sink[KubernetesSinkConfig]):
         earlier: KubernetesReceipt | None = None
         for attempt in range(self.config.conflict_retries + 1):
             if attempt:
-                current = self._get()
+                current = self._secret.get()
             if current is None:
-                created = self._create(wanted, notes)
+                created = self._create_secret(wanted, notes)
                 if created is not None:
                     return KubernetesReceipt(False, created["metadata"]["uid"],
                                              tuple((key, None) for key in self._our_keys()),
@@ -253,7 +258,7 @@ class KubernetesSink(Sink[KubernetesSinkConfig]):
                 receipt = earlier  # an earlier attempt landed after all; what it replaced is what we replaced
             earlier = receipt
             body = self._edited(current, wanted, notes)
-            if self._replace(body, "update the Secret"):
+            if self._secret.replace(body, "update the Secret"):
                 return receipt
         raise self._exhausted("update")
 
@@ -263,24 +268,25 @@ class KubernetesSink(Sink[KubernetesSinkConfig]):
         old_data = {key: old.reveal() if old else None for key, old in receipt.previous_data}
         for attempt in range(self.config.conflict_retries + 1):
             if attempt:
-                current = self._get()
+                current = self._secret.get()
             if current is None:
                 kept = {k: v for k, v in old_data.items() if v is not None}
                 if not receipt.existed or not kept:
                     return False
                 self._log.warning("the Secret was deleted since the write; recreating it with the old key")
                 notes = {k: v for k, v in receipt.previous_annotations if v is not None}
-                if self._create(kept, notes, labelled=False) is not None:
+                if self._create_secret(kept, notes, labelled=False) is not None:
                     return True
                 continue
             data = dict(current.get("data") or {})
+            self._check_still_ours(receipt, data, old_data)
             for key, old in old_data.items():
                 if old is None:
                     data.pop(key, None)
                 else:
                     data[key] = old
             if not receipt.existed and not data and current["metadata"].get("uid") == receipt.uid:
-                if self._delete(current):
+                if self._secret.delete(current):
                     return True
                 continue
             annotations = _annotations(current)
@@ -294,9 +300,24 @@ class KubernetesSink(Sink[KubernetesSinkConfig]):
             body = copy.deepcopy(current)
             body["data"] = data
             body["metadata"]["annotations"] = annotations
-            if self._replace(body, "put the Secret back"):
+            if self._secret.replace(body, "put the Secret back"):
                 return True
         raise self._exhausted("put back")
+
+    def _check_still_ours(self, receipt: KubernetesReceipt, data: dict[str, str],
+                          old_data: dict[str, str | None]) -> None:
+        """Refuse to put the old key over a key that someone else wrote after us (theirs may be in use)."""
+        field = self.config.keys.access_key_id
+        held = data.get(field)
+        if held is None or held == old_data.get(field) or not receipt.written_key_id:
+            return
+        try:
+            held_id = base64.b64decode(held, validate=True).decode().strip()
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            held_id = "(not base64 text)"
+        if held_id != receipt.written_key_id:
+            raise self.error(f"now holds key {held_id}, written by someone else since rotator wrote "
+                             f"{receipt.written_key_id}; not putting the old key back over it")
 
     def _receipt_for(self, current: dict[str, Any]) -> KubernetesReceipt:
         data = current.get("data") or {}
@@ -318,80 +339,16 @@ class KubernetesSink(Sink[KubernetesSinkConfig]):
         body["metadata"]["annotations"] = {**_annotations(current), **notes}
         return body
 
+    def _create_secret(self, data: dict[str, str], notes: dict[str, str], *,
+                       labelled: bool = True) -> dict[str, Any] | None:
+        if not self.config.create:
+            raise self.error("the Secret does not exist and `create` is false")
+        return self._secret.create(data, notes, labelled=labelled)
+
     def _exhausted(self, what: str) -> SinkError:
         tries = self.config.conflict_retries + 1
         return self.error(f"could not {what} the Secret: it changed under rotator on each of {tries} attempts "
                           "(409 Conflict); another writer keeps updating it (conflict_retries)")
-
-    # -- API calls ------------------------------------------------------------------------------------------
-
-    def _get(self) -> dict[str, Any] | None:
-        try:
-            found: dict[str, Any] = kube.call(self._core().read_namespaced_secret, self.config.name,
-                                              self.config.namespace, timeout=self._timeout)
-        except k8s.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise self._failure("read the Secret", exc, "get", "secrets", self.config.name) from None
-        except kube.CALL_ERRORS as exc:
-            raise self._failure("read the Secret", exc, "get", "secrets", self.config.name) from None
-        return found
-
-    def _create(self, data: dict[str, str], notes: dict[str, str], *, labelled: bool = True) -> dict[str, Any] | None:
-        """Create the Secret; None when one appeared meanwhile (409 AlreadyExists)."""
-        if not self.config.create:
-            raise self.error("the Secret does not exist and `create` is false")
-        metadata: dict[str, Any] = {"name": self.config.name, "namespace": self.config.namespace,
-                                    "annotations": notes}
-        if labelled:
-            metadata["labels"] = {MANAGED_BY_LABEL: "rotator"}
-        body = {"apiVersion": "v1", "kind": "Secret", "metadata": metadata, "type": "Opaque", "data": data}
-        try:
-            created: dict[str, Any] = kube.call(self._core().create_namespaced_secret, self.config.namespace, body,
-                                                timeout=self._timeout)
-        except k8s.ApiException as exc:
-            if exc.status == 409:
-                self._log.info("the Secret was created by someone else meanwhile; updating it instead")
-                return None
-            raise self._failure("create the Secret", exc, "create", "secrets", None) from None
-        except kube.CALL_ERRORS as exc:
-            raise self._failure("create the Secret", exc, "create", "secrets", None) from None
-        self._log.info("created the Secret", labels={MANAGED_BY_LABEL: "rotator"} if labelled else {})
-        return created
-
-    def _replace(self, body: dict[str, Any], action: str) -> bool:
-        """PUT with the resourceVersion in ``body``; False on 409 Conflict (read again and retry)."""
-        try:
-            kube.call(self._core().replace_namespaced_secret, self.config.name, self.config.namespace, body,
-                      timeout=self._timeout)
-        except k8s.ApiException as exc:
-            if exc.status == 409:
-                self._log.info("the Secret changed since it was read (409 Conflict); reading it again")
-                return False
-            if exc.status == 422 and body.get("immutable"):
-                raise self.error(f"cannot {action}: the Secret is immutable (immutable: true), so its data "
-                                 "cannot change (422 Invalid); recreate it without `immutable`, or use another "
-                                 "Secret") from None
-            raise self._failure(action, exc, "update", "secrets", self.config.name) from None
-        except kube.CALL_ERRORS as exc:
-            raise self._failure(action, exc, "update", "secrets", self.config.name) from None
-        return True
-
-    def _delete(self, current: dict[str, Any]) -> bool:
-        """Delete the Secret if it is still the version read; False on 409 Conflict."""
-        meta = current["metadata"]
-        options = {"preconditions": {"uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion")}}
-        try:
-            kube.call(self._core().delete_namespaced_secret, self.config.name, self.config.namespace,
-                      body=options, timeout=self._timeout)
-        except k8s.ApiException as exc:
-            if exc.status in (404, 409):
-                return bool(exc.status == 404)  # already gone / changed since read: read again
-            raise self._failure("delete the Secret it created", exc, "delete", "secrets", self.config.name) from None
-        except kube.CALL_ERRORS as exc:
-            raise self._failure("delete the Secret it created", exc, "delete", "secrets", self.config.name) from None
-        self._log.info("deleted the Secret the write had created")
-        return True
 
     def _undo_failed_write(self, receipt: KubernetesReceipt, cause: Exception) -> None:
         shutdown.acknowledge()  # cleaning up now: a pending SIGTERM must not cut the undo short
@@ -400,25 +357,6 @@ class KubernetesSink(Sink[KubernetesSinkConfig]):
         except SinkError as undo:
             raise self.error(f"{cause}; putting the Secret back failed too, so it may still hold the new key: "
                              f"{undo}") from None
-
-    def _failure(self, action: str, exc: BaseException, verb: str, resource: str, name: str | None) -> SinkError:
-        """A SinkError for a failed API call: what was attempted and why, never the response body."""
-        namespace = self.config.namespace
-        what = kube.describe_failure(exc)
-        if isinstance(exc, k8s.ApiException):
-            status = kube.api_status(exc)
-            if status.code == 403:
-                target = f"{resource}/{name}" if name else resource
-                what = (f"forbidden (403): rotator's identity may not {verb} {target} in namespace {namespace}; "
-                        "`rotator permissions` lists the RBAC rules this sink needs")
-            elif status.code == 401:
-                what = "the API server rejected rotator's credentials (401 Unauthorized)"
-            elif status.code == 404 and status.kind == "namespaces":
-                what = f"namespace {namespace} does not exist (404)"
-            elif status.code == 422:
-                fields = f": {', '.join(status.fields)}" if status.fields else ""
-                what = f"the API server rejected it as invalid (422 Invalid{fields})"
-        return self.error(f"cannot {action}: {what}")
 
     def _api(self) -> k8s.ApiClient:
         if self._client is None:

@@ -488,7 +488,7 @@ class FakeKubeApi:
             obj |= {"spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}
         if rtype.workload:
             obj["metadata"]["generation"] = 1
-            obj["status"] = {}
+            obj["status"] = copy.deepcopy(_EMPTY_STATUS[rtype.plural])  # as answered before any controller ran
             if rollout:
                 self._start_rollout(key, 1)
         self._bump(obj)
@@ -763,6 +763,14 @@ class FakeKubeApi:
             assert name is not None
             return 200, self._delete(rtype, namespace, name, request.body)
         raise ApiError(405, "MethodNotAllowed", f"the fake API server does not support {verb} on {rtype.plural}")
+
+
+_EMPTY_STATUS: dict[str, dict[str, Any]] = {
+    "deployments": {},
+    "statefulsets": {"replicas": 0, "availableReplicas": 0},
+    "daemonsets": {"currentNumberScheduled": 0, "desiredNumberScheduled": 0, "numberMisscheduled": 0,
+                   "numberReady": 0},
+}
 
 
 def _verb(method: str, name: str | None, query: dict[str, str]) -> str:

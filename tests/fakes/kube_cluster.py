@@ -147,7 +147,8 @@ class RealCluster:
         body = {"metadata": {"name": name, "annotations": annotations or {}}, "spec": spec}
         if kind == "statefulset":
             spec |= {"serviceName": name, "podManagementPolicy": "Parallel", "replicas": 1}
-        getattr(self.apps, f"create_namespaced_{WorkloadRef(kind, name).method_suffix}")(self.namespace, body)
+        kube.call(getattr(self.apps, f"create_namespaced_{WorkloadRef(kind, name).method_suffix}"), self.namespace,
+                  body, timeout=30)
         deadline = time.monotonic() + 120
         while progress(kind, self.workload(kind, name)) is not None:
             assert time.monotonic() < deadline, f"{kind}/{name} did not become ready on the cluster"

@@ -140,6 +140,17 @@ class TestRollback:
 
         assert sink.read() == OLD
 
+    def test_a_key_someone_else_wrote_since_is_not_overwritten(self, team: FakeKubeApi) -> None:
+        sink = make_sink(TEAM)
+        receipt = sink.write(new_credentials())
+        theirs = "QUtJQVRIRUlSUzAwMDAwMDAwMQ=="  # AKIATHEIRS000000001
+        team.update("secrets", TEAM, NAME, lambda s: s["data"].update(AWS_ACCESS_KEY_ID=theirs))
+
+        with pytest.raises(SinkError, match="now holds key AKIATHEIRS000000001, written by someone else"):
+            sink.rollback(receipt)
+
+        assert (team.get("secrets", TEAM, NAME) or {})["data"]["AWS_ACCESS_KEY_ID"] == theirs
+
     def test_a_receipt_from_another_sink_is_refused(self, kube: Cluster) -> None:
         from rotator.sinks.base import Receipt
 

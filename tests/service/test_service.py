@@ -178,3 +178,36 @@ class TestTwoAtOnceOnOneHost:
         assert_invariants(aws, "app", [(app.credentials_file, "app")])
 
 
+
+
+class TestProgress:
+    def test_a_pass_on_a_terminal_prints_a_line_per_user(
+        self, aws: Aws, app: AppUser, write_config: ConfigWriter
+    ) -> None:
+        """On a terminal `run --once` shows progress per user; in a pipe (a pod) only the summary and logs."""
+        import os
+        import pty
+        import sys
+
+        config = write_config([{"name": "app", "sinks": [file_sink(app)]}])
+        controller, terminal = pty.openpty()
+        process = subprocess.Popen([sys.executable, "-m", "rotator", "--config", str(config), "run", "--once"],
+                                   stdout=terminal, stderr=subprocess.PIPE, text=True)
+        os.close(terminal)
+        _, stderr = process.communicate(timeout=60)
+        output = b""
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+        os.close(controller)
+        piped = spawn("--config", config, "run", "--once")
+        piped_out, _ = piped.communicate(timeout=60)
+
+        assert process.returncode == 0, stderr
+        assert "[1/1] app: not-due" in output.decode()
+        assert "[1/1]" not in piped_out and "pass over 1 user(s)" in piped_out
