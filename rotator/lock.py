@@ -171,7 +171,7 @@ class LeaseClaim:
 
 
 class LeaseLocks:
-    def __init__(self, settings: LeaderElectionConfig, api: Any | None = None) -> None:
+    def __init__(self, settings: LeaderElectionConfig, api: Any | None = None, identity: str | None = None) -> None:
         self.settings = settings
         self.namespace = settings.namespace or _own_namespace()
         if api is None:
@@ -181,7 +181,7 @@ class LeaseLocks:
 
             api = client.CoordinationV1Api(api_client())
         self.api = api
-        self.identity = state.this_owner()
+        self.identity = identity or state.this_owner()
 
     def _claim(self, name: str) -> LeaseClaim:
         return LeaseClaim(self.api, self.namespace, name, self.settings.lease_duration, self.identity)
