@@ -118,13 +118,18 @@ class RotationOverrides(Model):
         return defaults.model_copy(update=overrides)
 
 
-class UserConfig(RotationOverrides):
-    name: str
+class Delivery(RotationOverrides):
+    """Where a user's keys live and go: its account, its sinks, its probes."""
+
     account: str | None = None
     """Name of an entry in ``accounts`` (the user lives in another AWS account); default: rotator's own."""
     sinks: list[InstanceOf[SinkConfig]] = Field(min_length=1)
     probes: list[InstanceOf[ProbeConfig]] = Field(default_factory=list)
     """Checks run with the new key after the STS check (which always runs first)."""
+
+
+class UserConfig(Delivery):
+    name: str
 
     @field_validator("name")
     @classmethod
@@ -134,7 +139,7 @@ class UserConfig(RotationOverrides):
         return value
 
 
-class SelectorConfig(RotationOverrides):
+class SelectorConfig(Delivery):
     """Selects IAM users by path and tags; its sinks and probes may use ``{user}`` for the user's name."""
 
     path_prefix: str = "/"
@@ -143,9 +148,6 @@ class SelectorConfig(RotationOverrides):
     """Tags a user must carry, all of them, e.g. ``{rotator/enabled: "true"}``."""
     exclude: list[str] = Field(default_factory=list)
     """User names never selected."""
-    account: str | None = None
-    sinks: list[InstanceOf[SinkConfig]] = Field(min_length=1)
-    probes: list[InstanceOf[ProbeConfig]] = Field(default_factory=list)
 
     @field_validator("path_prefix")
     @classmethod

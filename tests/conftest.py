@@ -128,6 +128,17 @@ def spawn(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.Po
     )
 
 
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    """Processes a test started with `spawn`; any still running at the end are killed."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
 def read_profile(path: Path, profile: str) -> tuple[str | None, str | None]:
     """(key id, secret) of a profile, parsed independently of rotator's own code."""
     import configparser

@@ -5,12 +5,8 @@ replicas of which only one rotates."""
 from __future__ import annotations
 
 import signal
-import subprocess
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
-
-import pytest
 
 from rotator.config import LeaderElectionConfig
 from rotator.lock import LeaseLocks
@@ -92,16 +88,6 @@ class TestUserGuard:
                 assert unrelated is True
         with b.user("app") as after:
             assert after is True
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
 
 
 class TestTwoReplicas:
