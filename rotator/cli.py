@@ -15,7 +15,7 @@ from rotator import log
 from rotator.config import Config
 from rotator.credentials import short_key_id
 from rotator.engine import Outcome, Result
-from rotator.errors import ConfigError, RefusedError, RotatorError
+from rotator.errors import Busy, ConfigError, RotatorError
 from rotator.fleet import Fleet, UserStatus, iam_policy
 from rotator.lock import make_locks
 from rotator.runner import UserResult, run_pass
@@ -79,7 +79,7 @@ def rotate(obj: _Context, user_name: str, dry_run: bool) -> None:
     target = fleet.target(user_name)
     with make_locks(config).user(target.label) as held:
         if not held:
-            raise RefusedError(f"user {target.label}: another rotator on this host is rotating it; standing aside")
+            raise Busy(f"user {target.label}: another rotator on this host is rotating it; standing aside")
         outcome = fleet.rotation(target).rotate(force=True, dry_run=dry_run)
     _print_outcome(outcome)
 
@@ -120,7 +120,7 @@ def recover(obj: _Context, user_name: str | None, force: bool, dry_run: bool) ->
         try:
             with locks.user(target.label) as held:
                 if not held:
-                    raise RefusedError(f"user {target.label}: another rotator on this host is working on it")
+                    raise Busy(f"user {target.label}: another rotator on this host is working on it")
                 _print_outcome(fleet.rotation(target).recover(force=force, dry_run=dry_run))
         except RotatorError as exc:  # one user's failure does not stop the others
             click.echo(log.redact(f"error: {exc}"), err=True)

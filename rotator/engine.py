@@ -23,6 +23,7 @@ from rotator import log, shutdown, state
 from rotator.config import RotationSettings, format_duration
 from rotator.credentials import Credentials
 from rotator.errors import (
+    Busy,
     IamError,
     NeedsAttention,
     RefusedError,
@@ -297,7 +298,7 @@ class Rotation:
         pending = current.pending
         assert pending is not None
         if not force and pending.presumed_alive(self.now(), self.settings.propagation_timeout):
-            raise RefusedError(
+            raise Busy(
                 f"user {self.user}: a rotation started {state.format_time(pending.started)} by "
                 f"{pending.owner} is still in progress; standing aside. If that rotator is gone, run "
                 f"`rotator recover --user {self.user} --force`."

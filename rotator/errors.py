@@ -10,7 +10,8 @@ Every error rotator raises on purpose is a ``RotatorError``; anything else is a 
     │   ├── SinkError                a sink could not be read/written/rolled back
     │   └── ProbeError               a health check failed with the new key
     ├── RefusedError                 exit 1  the engine will not act (two active keys, foreign
-    │                                        inactive key, another rotator holds the user); nothing changed
+    │   │                                    inactive key); nothing changed
+    │   └── Busy                     exit 1  another rotator is working on this user; a pass skips it
     ├── RotationFailed               exit 1  a rotation failed and was rolled back safely
     ├── NeedsAttention               exit 3  a rotation failed and the rollback is incomplete, or a
     │                                        rotation stopped half-way; `rotator recover` finishes it
@@ -56,6 +57,10 @@ class ProbeError(DependencyError):
 
 class RefusedError(RotatorError):
     """The engine refuses to act on this user; nothing was changed."""
+
+
+class Busy(RefusedError):
+    """Another rotator holds this user (its lock, or a live rotation recorded on it); standing aside."""
 
 
 class RotationFailed(RotatorError):

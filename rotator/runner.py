@@ -15,7 +15,7 @@ from enum import StrEnum
 
 from rotator import log, shutdown
 from rotator.engine import Result
-from rotator.errors import NeedsAttention, RotatorError
+from rotator.errors import Busy, NeedsAttention, RotatorError
 from rotator.fleet import Fleet, Target
 from rotator.lock import Locks
 from rotator.metrics import Metrics
@@ -102,6 +102,8 @@ def _check_user(fleet: Fleet, target: Target, locks: Locks, metrics: Metrics | N
                 outcome = {Result.ROTATED: Outcome.ROTATED, Result.RECOVERED: Outcome.RECOVERED}.get(
                     done.result, Outcome.NOT_DUE)
                 result = UserResult(target.label, outcome, done.summary, time.monotonic() - started)
+    except Busy as exc:
+        result = UserResult(target.label, Outcome.SKIPPED, str(exc), time.monotonic() - started)
     except NeedsAttention as exc:
         result = UserResult(target.label, Outcome.NEEDS_ATTENTION, str(exc), time.monotonic() - started)
     except RotatorError as exc:

@@ -177,3 +177,24 @@ class TestManyUsersInParallel:
             keys = aws.keys(name)
             assert len(keys) == 1, f"{name} has {keys}"
             assert read_profile(files[name], "default")[0] in keys
+
+
+class TestBusyUsers:
+    def test_a_user_another_host_is_rotating_is_skipped_not_failed(
+        self, aws: Aws, app: AppUser, write_config: ConfigWriter
+    ) -> None:
+        """Invariant 6: a live rotation recorded on the user by another host makes the pass stand aside."""
+        from datetime import UTC, datetime
+
+        aws.iam.tag_user(UserName="app", Tags=[
+            {"Key": "rotator:phase", "Value": "creating"}, {"Key": "rotator:old-key", "Value": app.key_id},
+            {"Key": "rotator:started", "Value": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")},
+            {"Key": "rotator:owner", "Value": "other-pod/7"}])
+        config = write_config([{"name": "app", "max_key_age": "0s", "sinks": [file_sink(app)]}])
+
+        result = run("--config", config, "run", "--once")
+
+        assert result.exit_code == 0, result.stdout
+        assert "1 skipped" in result.stdout
+        assert aws.keys("app") == {app.key_id: "Active"}
+        assert aws.tags("app")["rotator:owner"] == "other-pod/7"
