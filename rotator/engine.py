@@ -81,6 +81,9 @@ class Rotation:
         self.now = now
         self._log = log.get().bind(user=user)
         self._rollback: Rollback | None = None
+        # Sinks that may hold a key this rotation created: written by this process, or, when recovering
+        # an interrupted rotation, every sink (an earlier process may have written any of them).
+        self._maybe_holding: set[int] = set()
         self._sts = StsProbe(StsProbeConfig(type="sts"), user)
 
     # -- entry points ---------------------------------------------------------------------------
@@ -184,6 +187,7 @@ class Rotation:
 
     def _rotate(self, old_id: str | None, reason: str) -> Outcome:
         self._log.info("rotation started", old_key=old_id, reason=reason)
+        self._maybe_holding = set()
         rollback = self._rollback = Rollback(self.user)
         new_id: str | None = None
         try:
@@ -214,7 +218,8 @@ class Rotation:
                 rollback.register(f"put the old key back in {sink.name}", self._restorer(sink, restore))
                 continue
             with self._step("push", key_id=new_id, sink=sink.name):
-                receipt = sink.write(credentials)
+                receipt = sink.write(credentials)  # a write that raises left the sink as it was
+            self._maybe_holding.add(index)
             rollback.register(f"restore {sink.name}", partial(sink.rollback, receipt))
         context = ProbeContext(self.user, user_arn, self.iam)
         with self._step("probe", key_id=new_id):
@@ -304,6 +309,7 @@ class Rotation:
                 f"`rotator recover --user {self.user} --force`."
             )
         held = self._read_sinks()
+        self._maybe_holding = set(range(len(self.sinks)))
         new_holders = {i for i, c in enumerate(held) if c and c.access_key_id == pending.new_key}
         old_creds = next((c for c in held if c and pending.old_key and c.access_key_id == pending.old_key), None)
         plan = state.decide_recovery(pending, keys, current.retired, len(new_holders), int(old_creds is not None))
@@ -359,15 +365,16 @@ class Rotation:
     def _delete_unheld(self, key_id: str) -> None:
         """Delete a key rotator created, after checking that no sink holds it (invariant 1).
 
-        A sink that cannot be read cannot hand the key to a consumer either, so it does not keep the key
-        alive (a key whose secret is nowhere is never kept, invariant 2); a readable one that holds it does.
+        Only sinks that may hold it are read: a sink whose write raised, or that was never written, was
+        left as it was (the Sink contract). One that cannot be read keeps the key alive: it may have
+        handed it to a consumer, and `rotator recover` decides once it can be read.
         """
-        for sink in self.sinks:
+        for index in sorted(self._maybe_holding):
+            sink = self.sinks[index]
             try:
                 held = sink.read()
             except SinkError as exc:
-                self._log.warning("sink unreadable while checking before delete", key_id=key_id, error=str(exc))
-                continue
+                raise sink.error(f"cannot check whether it still holds {key_id} ({exc}); not deleting it") from None
             if held and held.access_key_id == key_id:
                 raise sink.error(f"still holds {key_id}; not deleting it")
         self.iam.delete_key(self.user, key_id)

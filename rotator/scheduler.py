@@ -57,7 +57,7 @@ class Service:
         self.config = fleet.config.service
         self.locks = locks
         self.metrics = Metrics()
-        self.readiness = Readiness(leader=None if self.config.leader_election is None else False)
+        self.readiness = Readiness()  # leader stays None until the first attempt to lead
         self.leadership = locks.leader()
         self.stop = threading.Event()
         self._passing = threading.Lock()
@@ -95,8 +95,7 @@ class Service:
     def _lead(self) -> bool:
         leading = self.leadership.try_lead()
         self.metrics.leader.set(1 if leading else 0)
-        if self.readiness.leader is not None:
-            self.readiness.leader = leading
+        self.readiness.leader = leading
         return leading
 
     def _check_iam(self) -> None:

@@ -19,7 +19,7 @@ class Readiness:
 
     config_loaded: bool = True
     iam_reachable: bool = False
-    leader: bool | None = None  # None: no leader election configured
+    leader: bool | None = None  # None until the service first tried to lead
     iam_error: str | None = None
 
     @property

@@ -9,6 +9,8 @@ A sink is constructed for one IAM user from its validated config model. The engi
 - ``permissions()``: what rotator's identity needs to use this sink, in the sink's own terms.
 
 Every failure raises ``SinkError`` whose message names the sink and the user and never a secret.
+A ``write`` that raises must leave the sink as it was (undoing its own partial work), because the engine
+gets no receipt from it: it neither rolls that sink back nor reads it before deleting the new key.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
+from rotator import log
 from rotator.config import SinkConfig
 from rotator.credentials import Credentials, Secret
 from rotator.sinks.base import Receipt, Sink
@@ -273,7 +274,12 @@ class CredentialsFileSink(Sink[CredentialsFileSinkConfig]):
                 with contextlib.suppress(OSError):
                     os.unlink(temp)
                 raise
+        # The new content is in place and visible: a write that raises must leave the sink as it was, so
+        # a failure to make the rename durable is only reported.
+        try:
             self._fsync_directory(target.parent)
+        except OSError as exc:
+            log.get().warning("directory fsync failed", sink=self.name, error=exc.strerror)
 
     @staticmethod
     def _fsync_directory(directory: Path) -> None:

@@ -47,6 +47,7 @@ Python API (for tests; these calls bypass authentication and RBAC, and are safe 
                                          # (a closed port); returns path
     api.reset()                          # forget all objects, rules, requests; settings back to defaults
     api.stop()
+    api.kubeconfig                       # the kubeconfig the `kube_api` fixture wrote for this test
 
     # seeding (resource: plural "secrets", "leases", ..., or a workload kind "deployment")
     api.add_namespace("team")
@@ -56,7 +57,9 @@ Python API (for tests; these calls bypass authentication and RBAC, and are safe 
                      never_ready=False)   # also "statefulset", "daemonset"; starts fully rolled out;
                                           # secret= makes the pod template read that Secret (env)
     api.create(obj)                      # any supported object as a dict, validated as a POST would be
-    api.update(resource, namespace, name, change)   # change(obj) edits it in place: another actor's write
+    api.update(resource, namespace, name, change)   # change(obj) edits a copy, stored as another actor's
+                                         # unconditional write would be (validated, resourceVersion bumped,
+                                         # a template change starts a rollout)
     api.delete(resource, namespace, name)
 
     # inspecting (deep copies of what the API would return)
@@ -71,6 +74,7 @@ Python API (for tests; these calls bypass authentication and RBAC, and are safe 
 
     # behaviours
     api.rollout_delay = 0.2              # seconds until the simulated controller reports a rollout
+    api.node_count = 1                   # desired pods of a DaemonSet created through HTTP
     api.set_never_ready(kind, namespace, name, True, deadline_exceeded=False)
                                          # its next rollouts get stuck; deadline_exceeded adds the
                                          # Deployment condition Progressing=False/ProgressDeadlineExceeded

@@ -63,9 +63,15 @@ def held(stage: VaultStage, sink: VaultSink) -> dict[str, Any] | None:
     return stage.kv2(stage.mount, sink.config.path)
 
 
-def local_only(stage: VaultStage) -> None:
+def policies_for(vault: VaultStage) -> str:
+    """A policy allowing everything under the test's mount."""
+    return vault.policy(f'path "{vault.mount}/*" {{ capabilities = ["create", "read", "update", "delete", '
+                        '"patch", "list"] }')
+
+
+def local_only(stage: VaultStage, why: str = "a remote Vault cannot reach this host's fakes") -> None:
     if not stage.server.local:
-        pytest.skip("needs the local OpenBao (a remote Vault cannot reach this host's fakes)")
+        pytest.skip(f"needs the local OpenBao: {why}")
 
 
 @pytest.fixture
@@ -198,11 +204,6 @@ class TestKvVersion2:
         sink.rollback(receipt)
         assert vault.kv2_metadata(vault.mount, sink.config.path)["current_version"] == 3
 
-    def test_a_kv_v2_mount_is_detected(self, vault: VaultStage) -> None:
-        sink = vault.sink()
-        sink.write(new_credentials())
-        assert held(vault, sink) is not None  # written through <mount>/data/<path>, readable as v2
-
 
 class TestKvVersion1:
     def test_a_v1_mount_is_detected_and_written_in_place(self, vault: VaultStage) -> None:
@@ -214,6 +215,25 @@ class TestKvVersion1:
         assert vault.kv1(mount, sink.config.path) == {"region": "eu-west-1", "aws_access_key_id": new.access_key_id,
                                                       "aws_secret_access_key": new.secret_access_key.reveal()}
         assert sink.read() == new
+
+    def test_the_v1_policy_in_the_shipped_file_is_enough_and_sees_the_mount_version(
+        self, vault: VaultStage, tmp_path: Path
+    ) -> None:
+        """The commented KV v1 block of deploy/vault-policy.hcl, with the token blocks: a token holding only
+        that still finds out the mount is v1 (it must not fall back to v2 and write to <mount>/data/...)."""
+        mount = vault.kv_mount(1)
+        path = f"apps/{secrets.token_hex(4)}/aws"
+        text = POLICY_FILE.read_text()
+        v1_block = text.split("# On a KV version 1 mount")[1].split("\n", 1)[1].replace("# ", "").replace("#", "")
+        token_blocks = text[text.index('path "auth/token/lookup-self"'):text.index("# On a KV version 1 mount")]
+        policy = (v1_block + token_blocks).replace('"secret/', f'"{mount}/').replace("apps/app/aws", path)
+        token = vault.token(vault.policy(policy))
+        sink = vault.sink(mount=mount, path=path, auth={"method": "token", "token_file": token_file(tmp_path, token)})
+        receipt = sink.write(new := new_credentials())
+        assert vault.kv1(mount, path) == {"aws_access_key_id": new.access_key_id,
+                                          "aws_secret_access_key": new.secret_access_key.reveal()}
+        sink.rollback(receipt)
+        assert vault.kv1(mount, path) is None
 
     def test_rollback_writes_back_the_previous_content(self, vault: VaultStage) -> None:
         mount = vault.kv_mount(1)
@@ -360,12 +380,6 @@ class TestTokenAuth:
         message = failure(sink.write, new_credentials())
         assert "permission denied (HTTP 403)" in message
         assert "s.not-a-real-token-0123456789" not in message
-
-
-def policies_for(vault: VaultStage) -> str:
-    """A policy allowing everything under the test's mount."""
-    return vault.policy(f'path "{vault.mount}/*" {{ capabilities = ["create", "read", "update", "delete", '
-                        '"patch", "list"] }')
 
 
 class TestAppRoleAuth:
@@ -655,7 +669,7 @@ class TestNamespace:
     def test_vault_namespace_puts_the_secret_in_that_namespace(
         self, vault: VaultStage, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        local_only(vault)  # namespaces are a Vault Enterprise feature; OpenBao has them
+        local_only(vault, "namespaces are a Vault Enterprise feature (OpenBao has them)")
         namespace = f"team-{secrets.token_hex(3)}"
         vault.client.write_data(f"sys/namespaces/{namespace}")
         scoped = hvac.Client(url=vault.url, token=vault.server.token, namespace=namespace)

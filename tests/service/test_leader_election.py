@@ -13,7 +13,7 @@ from rotator.lock import LeaseLocks
 from tests.conftest import AppUser, ConfigWriter, assert_invariants, file_sink, spawn
 from tests.fakes.aws_proxy import AwsProxy
 from tests.fakes.moto_aws import Aws, free_port
-from tests.service.test_service import get, wait_for
+from tests.service.test_service import get, passed, wait_for
 
 SETTINGS = LeaderElectionConfig(lease="rotator", namespace="default", lease_duration=timedelta(seconds=2),
                                 renew_interval=timedelta(seconds=0.5))
@@ -106,11 +106,11 @@ class TestTwoReplicas:
                    for i, port in enumerate(ports)]
         first = spawn("--config", configs[0], "run")
         processes.append(first)
-        wait_for(lambda: "rotator_leader 1.0" in get(f"http://127.0.0.1:{ports[0]}/metrics")[1])
+        wait_for(lambda: passed(f"http://127.0.0.1:{ports[0]}"))
         second = spawn("--config", configs[1], "run")
         processes.append(second)
-        wait_for(lambda: "rotator_leader 0.0" in get(f"http://127.0.0.1:{ports[1]}/metrics")[1])
-        assert '"leader": false' in get(f"http://127.0.0.1:{ports[1]}/readyz")[1]
+        wait_for(lambda: '"leader": false' in get(f"http://127.0.0.1:{ports[1]}/readyz")[1])
+        assert "rotator_leader 0.0" in get(f"http://127.0.0.1:{ports[1]}/metrics")[1]
 
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=60)

@@ -4,6 +4,7 @@ scraped, it is stopped with SIGTERM (also mid-rotation), and two of them run sid
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -37,6 +38,12 @@ def wait_for(predicate, timeout: float = 30.0, every: float = 0.2) -> None:  # t
     raise AssertionError("condition not met in time")
 
 
+def passed(url: str) -> bool:
+    """Whether the service at url has finished a pass without failures (its metric is set)."""
+    return re.search(r"^rotator_last_successful_pass_timestamp_seconds [1-9]", get(url + "/metrics")[1],
+                     re.MULTILINE) is not None
+
+
 def new_key_call(aws: Aws, app: AppUser):  # type: ignore[no-untyped-def]
     return lambda c: c.action == "GetCallerIdentity" and c.access_key not in (None, aws.admin_key, app.key_id)
 
@@ -62,7 +69,7 @@ class TestService:
 
         wait_for(lambda: get(url + "/healthz")[0] == 200 if process.poll() is None else True)
         wait_for(lambda: 'rotator_rotations_total{outcome="rotated",user="app"} 1.0' in get(url + "/metrics")[1]
-                 and "rotator_last_successful_pass_timestamp_seconds 0.0" not in get(url + "/metrics")[1])
+                 and passed(url))
         status, body = get(url + "/readyz")
         metrics = get(url + "/metrics")[1]
         process.send_signal(signal.SIGTERM)
@@ -153,12 +160,12 @@ class TestTwoAtOnceOnOneHost:
                    for i, port in enumerate(ports)]
         first = spawn("--config", configs[0], "run")
         processes.append(first)
-        wait_for(lambda: "rotator_leader 1.0" in get(f"http://127.0.0.1:{ports[0]}/metrics")[1]
-                 if first.poll() is None else True)
+        wait_for(lambda: passed(f"http://127.0.0.1:{ports[0]}") if first.poll() is None else True)
         second = spawn("--config", configs[1], "run")
         processes.append(second)
-        wait_for(lambda: get(f"http://127.0.0.1:{ports[1]}/healthz")[0] == 200 if second.poll() is None else True)
-        wait_for(lambda: "rotator_leader 0.0" in get(f"http://127.0.0.1:{ports[1]}/metrics")[1])
+        wait_for(lambda: '"leader": false' in get(f"http://127.0.0.1:{ports[1]}/readyz")[1]
+                 if second.poll() is None else True)
+        assert "rotator_leader 1.0" in get(f"http://127.0.0.1:{ports[0]}/metrics")[1]
 
         for process in (first, second):
             process.send_signal(signal.SIGTERM)
