@@ -23,7 +23,10 @@ def _new_key_call(aws: Aws, app: AppUser) -> Callable[[Call], bool]:
     return lambda c: c.action == "GetCallerIdentity" and c.access_key not in (None, aws.admin_key, app.key_id)
 
 
-def _kill_when(proxy: AwsProxy, config: Path, match: Callable[[Call], bool], sig: int = signal.SIGKILL) -> str:
+def _kill_when(
+    proxy: AwsProxy, config: Path, match: Callable[[Call], bool], sig: int = signal.SIGKILL
+) -> tuple[int, str]:
+    """Run `rotator rotate`, send it ``sig`` when it makes the matching call; (exit code, stderr)."""
     hold = proxy.hold(match)
     process = spawn("--config", config, "rotate", "--user", "app")
     try:
@@ -36,14 +39,15 @@ def _kill_when(proxy: AwsProxy, config: Path, match: Callable[[Call], bool], sig
             process.kill()
     if sig == signal.SIGKILL:
         assert process.returncode == -signal.SIGKILL
-    return stderr
+    return process.returncode, stderr
+
+
+@pytest.fixture
+def config(app: AppUser, write_config: ConfigWriter) -> Path:
+    return write_config([{"name": "app", "sinks": [file_sink(app)]}])
 
 
 class TestKilledMidRotation:
-    @pytest.fixture
-    def config(self, app: AppUser, write_config: ConfigWriter) -> Path:
-        return write_config([{"name": "app", "sinks": [file_sink(app)]}])
-
     def test_killed_before_the_key_is_created(self, aws: Aws, app: AppUser, config: Path, proxy: AwsProxy) -> None:
         """Invariant 2: only the intent was recorded; recovery forgets it and the old key stays."""
         _kill_when(proxy, config, lambda c: c.action == "CreateAccessKey")
@@ -188,23 +192,15 @@ class TestKilledMidRotation:
 
 
 class TestTerminated:
-    @pytest.fixture
-    def config(self, app: AppUser, write_config: ConfigWriter) -> Path:
-        return write_config([{"name": "app", "sinks": [file_sink(app)]}])
-
     def test_sigterm_while_waiting_rolls_back_and_exits_1(
         self, aws: Aws, app: AppUser, config: Path, proxy: AwsProxy
     ) -> None:
         """Invariants 1 and 2: Kubernetes stops pods with SIGTERM; the rotation is undone before exit."""
         before = app.credentials_file.read_bytes()
-        hold = proxy.hold(_new_key_call(aws, app))
-        process = spawn("--config", config, "rotate", "--user", "app")
-        assert hold.arrived.wait(timeout=60)
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=60)
-        proxy.drop_all()
 
-        assert process.returncode == 1, stderr
+        code, stderr = _kill_when(proxy, config, _new_key_call(aws, app), signal.SIGTERM)
+
+        assert code == 1, stderr
         assert "received SIGTERM" in stderr and "rolled back" in stderr
         assert app.credentials_file.read_bytes() == before
         assert aws.keys("app") == {app.key_id: "Active"}
@@ -216,14 +212,12 @@ class TestTerminated:
         """Invariant 1: terminated while probing, the file gets the old key back and the new key goes."""
         before = app.credentials_file.read_bytes()
         pushed = _new_key_call(aws, app)
-        hold = proxy.hold(lambda c: pushed(c) and read_profile(app.credentials_file, "app")[0] == c.access_key)
-        process = spawn("--config", config, "rotate", "--user", "app")
-        assert hold.arrived.wait(timeout=60)
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=60)
-        proxy.drop_all()
 
-        assert process.returncode == 1, stderr
+        code, stderr = _kill_when(
+            proxy, config, lambda c: pushed(c) and read_profile(app.credentials_file, "app")[0] == c.access_key,
+            signal.SIGTERM)
+
+        assert code == 1, stderr
         assert app.credentials_file.read_bytes() == before
         assert aws.keys("app") == {app.key_id: "Active"}
         assert_invariants(aws, "app", [(app.credentials_file, "app")])
