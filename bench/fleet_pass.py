@@ -25,12 +25,12 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from rotator import config as config_module  # noqa: E402
-from rotator import log  # noqa: E402
-from rotator.fleet import Fleet  # noqa: E402
-from rotator.lock import FileLocks  # noqa: E402
-from rotator.runner import Outcome, run_pass  # noqa: E402
-from tests.fakes.moto_aws import MotoServer, free_port  # noqa: E402
+from rotator import config as config_module
+from rotator import log
+from rotator.fleet import Fleet
+from rotator.lock import FileLocks
+from rotator.runner import Outcome, run_pass
+from tests.fakes.moto_aws import MotoServer, free_port
 
 
 class MotoProcess(MotoServer):
