@@ -192,8 +192,10 @@ class Rotation:
         new_id: str | None = None
         try:
             with self._step("create", old_key=old_id):
-                state.begin(self.iam, self.user, old_id, self.now())
-                rollback.register("forget the rotation state", self._forget_state, only_if_clean=True)
+                started = self.now()
+                state.begin(self.iam, self.user, old_id, started)
+                rollback.register("delete any key this rotation created, forget its state",
+                                  partial(self._undo_create, old_id, started), only_if_clean=True)
                 credentials = self.iam.create_key(self.user)
                 new_id = credentials.access_key_id
                 rollback.register(f"delete new key {new_id}", partial(self._delete_unheld, new_id),
@@ -217,10 +219,10 @@ class Rotation:
             if index in already_in:
                 rollback.register(f"put the old key back in {sink.name}", self._restorer(sink, restore))
                 continue
-            with self._step("push", key_id=new_id, sink=sink.name):
+            with self._step("push", key_id=new_id, sink=sink.name), shutdown.deferred():
                 receipt = sink.write(credentials)  # a write that raises left the sink as it was
-            self._maybe_holding.add(index)
-            rollback.register(f"restore {sink.name}", partial(sink.rollback, receipt))
+                self._maybe_holding.add(index)
+                rollback.register(f"restore {sink.name}", partial(sink.rollback, receipt))
         context = ProbeContext(self.user, user_arn, self.iam)
         with self._step("probe", key_id=new_id):
             self._sts_check(credentials, user_arn)
@@ -262,7 +264,7 @@ class Rotation:
                 f"{'; '.join(failures)}. Fix the cause, then run `rotator recover --user {self.user}`."
             ) from None
         kept = f"old key {old_id} still active" if old_id else "the user has no key, as before"
-        undone = "rolled back (sinks restored, new key deleted, " if new_id else "nothing was changed ("
+        undone = "rolled back (sinks restored, new key deleted, " if new_id else "rolled back (no new key left, "
         raise RotationFailed(f"rotation of {self.user} failed: {cause}; {undone}{kept})") from None
 
     def _retire(self, old_id: str | None, new_id: str | None) -> None:
@@ -381,6 +383,16 @@ class Rotation:
         self._log.info("deleted new key", key_id=key_id)
 
     def _forget_state(self) -> None:
+        state.finish(self.iam, self.user)
+
+    def _undo_create(self, old_id: str | None, started: datetime) -> None:
+        """Undo `create` even when CreateAccessKey's answer was lost (a timeout, a signal): AWS may have made
+        a key whose id we never saw. It is found the way recovery finds strays, and deleted (invariant 2)."""
+        current = state.read(self.iam, self.user)
+        attempt = state.Pending(state.Phase.CREATING, old_id, None, started, state.this_owner())
+        plan = state.decide_recovery(attempt, self.iam.list_keys(self.user), current.retired, 0, 0)
+        for stray in plan.strays:
+            self._delete_unheld(stray)
         state.finish(self.iam, self.user)
 
     def _delete_retired(self, key_id: str) -> None:

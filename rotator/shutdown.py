@@ -11,6 +11,8 @@ retries a request. A rotation that has begun its rollback (or its final retire s
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rotator.errors import Interrupted
@@ -50,8 +52,23 @@ def begin() -> None:
 
 def check(**_botocore_event: Any) -> None:
     """Raise ``Interrupted`` if termination was requested (also usable as a botocore event handler)."""
-    if _requested is not None and not getattr(_local, "acknowledged", False):
+    if _requested is not None and not getattr(_local, "acknowledged", False) and not in_deferred():
         raise Interrupted(f"received {_requested}")
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """A stretch that must not be cut in the middle (a sink write and the bookkeeping of its undo): a
+    termination request is only noted here and raised at the next check after it."""
+    _local.deferred = getattr(_local, "deferred", 0) + 1
+    try:
+        yield
+    finally:
+        _local.deferred -= 1
+
+
+def in_deferred() -> bool:
+    return bool(getattr(_local, "deferred", 0))
 
 
 def sleep(seconds: float) -> None:

@@ -62,6 +62,9 @@ class AwsProxy:
         self.upstream_host = parsed.hostname or "127.0.0.1"
         self.upstream_port = parsed.port or 80
         self.rules: list[Rule] = []
+        self.lost_replies: list[Rule] = []
+        """Rules applied after AWS has acted: the request took effect, but the client gets this answer
+        instead (a reply lost to a timeout or a proxy)."""
         self.holds: list[Hold] = []
         self.calls: list[Call] = []
         self.created_at: dict[str, float] = {}  # key id -> when CreateAccessKey returned it
@@ -92,6 +95,7 @@ class AwsProxy:
             hold.release.set()
         with self._lock:
             self.rules.clear()
+            self.lost_replies.clear()
             self.holds.clear()
             self.calls.clear()
             self.created_at.clear()
@@ -142,9 +146,9 @@ class AwsProxy:
             if reply is not None:
                 self._send_error(handler, reply)
                 return
-        self._forward(handler, body)
+        self._forward(handler, body, call)
 
-    def _forward(self, handler: BaseHTTPRequestHandler, body: bytes) -> None:
+    def _forward(self, handler: BaseHTTPRequestHandler, body: bytes, call: Call) -> None:
         connection = http.client.HTTPConnection(self.upstream_host, self.upstream_port, timeout=60)
         headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("connection",)}
         connection.request(handler.command, handler.path, body=body, headers=headers)
@@ -155,6 +159,11 @@ class AwsProxy:
             self.created_at[match.group(1)] = time.monotonic()
             if secret := _NEW_SECRET.search(payload.decode()):
                 self.created_secrets.append(secret.group(1))
+        for rule in list(self.lost_replies):
+            reply = rule(call)
+            if reply is not None:
+                self._send_error(handler, reply)
+                return
         handler.send_response(response.status)
         for key, value in response.getheaders():
             if key.lower() not in ("content-length", "connection", "transfer-encoding", "server", "date"):

@@ -16,7 +16,7 @@ from tests.conftest import (
     read_profile,
     run,
 )
-from tests.fakes.aws_proxy import THROTTLED, AwsProxy, Reply
+from tests.fakes.aws_proxy import THROTTLED, AwsProxy, Call, Reply
 from tests.fakes.moto_aws import Aws
 
 
@@ -256,6 +256,31 @@ class TestFailureRollsBack:
         assert app.credentials_file.read_bytes() == before
         assert aws.keys("app") == {app.key_id: "Active"}
         assert aws.tags("app") == {}
+
+    def test_a_key_created_whose_answer_was_lost_is_found_and_deleted(
+        self, aws: Aws, app: AppUser, app_config: Path, proxy: AwsProxy
+    ) -> None:
+        """Invariant 2: AWS created the key but rotator never saw its id or secret (the answer was lost);
+        the rollback finds it among the user's keys and deletes it, instead of leaving an orphan."""
+        lost = {"left": 1}
+
+        def lose_the_first_answer(call: Call) -> Reply | None:
+            if call.action == "CreateAccessKey" and lost["left"]:
+                lost["left"] -= 1
+                return Reply(400, "RequestTimeout", "the answer never arrived")
+            return None
+
+        proxy.lost_replies.append(lose_the_first_answer)
+        before = app.credentials_file.read_bytes()
+
+        result = run("--config", app_config, "rotate", "--user", "app")
+
+        assert result.exit_code == 1, result.stderr
+        assert len(proxy.created_secrets) == 1  # AWS really made a key
+        assert "rolled back (no new key left" in result.stderr
+        assert app.credentials_file.read_bytes() == before
+        assert aws.keys("app") == {app.key_id: "Active"}
+        assert_invariants(aws, "app", [(app.credentials_file, "app")])
 
     def test_an_incomplete_rollback_exits_3_and_recover_finishes_it(
         self, aws: Aws, app: AppUser, write_config: ConfigWriter, health
