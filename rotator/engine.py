@@ -84,6 +84,7 @@ class Rotation:
         # Sinks that may hold a key this rotation created: written by this process, or, when recovering
         # an interrupted rotation, every sink (an earlier process may have written any of them).
         self._maybe_holding: set[int] = set()
+        self._owning = False  # the rotation recorded on the user is this process's: keep its heartbeat
         self._sts = StsProbe(StsProbeConfig(type="sts"), user)
 
     # -- entry points ---------------------------------------------------------------------------
@@ -194,6 +195,7 @@ class Rotation:
             with self._step("create", old_key=old_id):
                 started = self.now()
                 state.begin(self.iam, self.user, old_id, started)
+                self._owning = True
                 rollback.register("delete any key this rotation created, forget its state",
                                   partial(self._undo_create, old_id, started), only_if_clean=True)
                 credentials = self.iam.create_key(self.user)
@@ -220,7 +222,15 @@ class Rotation:
                 rollback.register(f"put the old key back in {sink.name}", self._restorer(sink, restore))
                 continue
             with self._step("push", key_id=new_id, sink=sink.name), shutdown.deferred():
-                receipt = sink.write(credentials)  # a write that raises left the sink as it was
+                try:
+                    receipt = sink.write(credentials)
+                except SinkError as exc:
+                    if not exc.unchanged:  # e.g. a timeout: the write may still land; check before deleting
+                        self._maybe_holding.add(index)
+                    raise
+                except Exception:
+                    self._maybe_holding.add(index)
+                    raise
                 self._maybe_holding.add(index)
                 rollback.register(f"restore {sink.name}", partial(sink.rollback, receipt))
         context = ProbeContext(self.user, user_arn, self.iam)
@@ -251,6 +261,13 @@ class Rotation:
         rollback.take_over()
         cause = str(exc) if isinstance(exc, RotatorError) else f"unexpected {type(exc).__name__}"
         self._log.error("rotation failed", error=cause, new_key=new_id, exc_info=not isinstance(exc, RotatorError))
+        self._owning = False
+        if self._taken_over():
+            self._rollback = None
+            raise NeedsAttention(
+                f"rotation of {self.user} failed ({cause}), but another rotator has taken the rotation over in "
+                "the meantime; leaving everything as it is to that rotator (see `rotator status`)"
+            ) from None
         if new_id:
             try:
                 state.set_phase(self.iam, self.user, state.Phase.ROLLING_BACK)
@@ -271,6 +288,9 @@ class Rotation:
         """Deactivate the old key (every sink holds the new one and it passed the probes); maybe delete it."""
         shutdown.acknowledge()  # past the probes, finishing is safer than stopping half-way
         try:
+            if self._taken_over():
+                raise NeedsAttention(f"another rotator has taken over the rotation of {self.user}; not retiring "
+                                     f"{old_id} from here")
             state.set_phase(self.iam, self.user, state.Phase.RETIRING)
             existing = {k.key_id: k for k in self.iam.list_keys(self.user)}
             if old_id and old_id in existing:
@@ -289,6 +309,7 @@ class Rotation:
             ) from None
         finally:
             self._rollback = None
+            self._owning = False
 
     def _retired_summary(self, old_id: str | None, new_id: str | None) -> str:
         if not old_id:
@@ -320,6 +341,8 @@ class Rotation:
             return Outcome(self.user, Result.DRY_RUN, "would recover " + summary, pending.old_key, pending.new_key)
         self._log.info("recover", phase=pending.phase.value, action=plan.action.value, reason=plan.reason,
                        old_key=pending.old_key, new_key=pending.new_key)
+        state.claim(self.iam, self.user, self.now())
+        self._owning = True
         action = plan.action
         if action is state.Recovery.STUCK:
             raise NeedsAttention(f"user {self.user}: cannot recover the interrupted rotation: {plan.reason}")
@@ -351,6 +374,7 @@ class Rotation:
                                   self._restorer(self.sinks[index], old_creds))
         failures = rollback.run()
         self._rollback = None
+        self._owning = False
         if failures:
             raise NeedsAttention(f"user {self.user}: recovery incomplete: {'; '.join(failures)}")
         return Outcome(self.user, Result.RECOVERED, "undid the interrupted rotation: " + plan.reason,
@@ -388,12 +412,21 @@ class Rotation:
     def _undo_create(self, old_id: str | None, started: datetime) -> None:
         """Undo `create` even when CreateAccessKey's answer was lost (a timeout, a signal): AWS may have made
         a key whose id we never saw. It is found the way recovery finds strays, and deleted (invariant 2)."""
+        self._maybe_holding = set(range(len(self.sinks)))  # a "stray" may be another rotator's, in a sink
         current = state.read(self.iam, self.user)
         attempt = state.Pending(state.Phase.CREATING, old_id, None, started, state.this_owner())
         plan = state.decide_recovery(attempt, self.iam.list_keys(self.user), current.retired, 0, 0)
         for stray in plan.strays:
             self._delete_unheld(stray)
         state.finish(self.iam, self.user)
+
+    def _taken_over(self) -> bool:
+        """Whether another rotator has taken over (or ended) the rotation this process recorded. Then this
+        process must not touch anything: its receipts describe a world that has moved on."""
+        try:
+            return not state.owned_by_this_process(self.iam, self.user)
+        except IamError:
+            return False  # cannot tell; the undo that follows needs IAM as well and reports its own failure
 
     def _delete_retired(self, key_id: str) -> None:
         self.iam.delete_key(self.user, key_id)
@@ -424,6 +457,11 @@ class Rotation:
     @contextmanager
     def _step(self, name: str, **fields: Any) -> Iterator[None]:
         started = time.monotonic()
+        if self._owning:
+            try:
+                state.heartbeat(self.iam, self.user, self.now())
+            except IamError as exc:
+                self._log.warning("heartbeat not recorded", error=str(exc))
         try:
             shutdown.check()
             yield

@@ -48,7 +48,15 @@ class IamError(DependencyError):
 
 
 class SinkError(DependencyError):
-    """A sink could not be read, written or rolled back."""
+    """A sink could not be read, written or rolled back.
+
+    ``unchanged`` is the sink's promise that a failed write left it exactly as it was; without it the
+    engine assumes the write may have landed (a timeout) and reads the sink back before deleting the key.
+    """
+
+    def __init__(self, message: str, *, unchanged: bool = False) -> None:
+        super().__init__(message)
+        self.unchanged = unchanged
 
 
 class ProbeError(DependencyError):

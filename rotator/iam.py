@@ -7,6 +7,7 @@ adaptive retry mode, which backs off on throttling.
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -40,6 +41,12 @@ PERMISSIONS: Final = (
 _RETRIES: Final = botocore.config.Config(
     retries={"mode": "adaptive", "max_attempts": 8}, connect_timeout=10, read_timeout=30
 )
+# CreateAccessKey is not idempotent: a retry after a lost answer makes a second key. It is sent once, and
+# retried by `Iam.create_key` only after answers that prove it was not processed (throttling).
+_ONCE: Final = botocore.config.Config(
+    retries={"mode": "standard", "total_max_attempts": 1}, connect_timeout=10, read_timeout=30
+)
+_THROTTLED: Final = frozenset({"Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException"})
 # The propagation check does its own backoff; botocore must not retry "invalid token" on its own.
 _STS_CHECK: Final = botocore.config.Config(
     retries={"mode": "standard", "max_attempts": 2}, connect_timeout=5, read_timeout=15
@@ -60,7 +67,8 @@ def session_client_factory(aws: AwsConfig) -> ClientFactory:
     """Clients from the standard chain, or from explicit credentials when given."""
 
     def make_client(
-        service: str, credentials: Credentials | None = None, *, check: bool = False, session: Any = None
+        service: str, credentials: Credentials | None = None, *, check: bool = False, once: bool = False,
+        session: Any = None,
     ) -> Any:
         if session is None:
             session = (
@@ -72,7 +80,7 @@ def session_client_factory(aws: AwsConfig) -> ClientFactory:
                 if credentials
                 else boto3.session.Session(region_name=aws.region)
             )
-        kwargs: dict[str, Any] = {"config": _STS_CHECK if check else _RETRIES}
+        kwargs: dict[str, Any] = {"config": _STS_CHECK if check else _ONCE if once else _RETRIES}
         if aws.endpoint_url:
             kwargs["endpoint_url"] = aws.endpoint_url
         # IAM is global and STS answers in every region: any region will do when none is configured.
@@ -109,7 +117,9 @@ def assumed_role_client_factory(account: AccountConfig, base: ClientFactory) -> 
 
     state: dict[str, Any] = {}
 
-    def make_client(service: str, credentials: Credentials | None = None, *, check: bool = False) -> Any:
+    def make_client(
+        service: str, credentials: Credentials | None = None, *, check: bool = False, once: bool = False
+    ) -> Any:
         if credentials is not None:
             return base(service, credentials, check=check)
         if "session" not in state:
@@ -119,7 +129,7 @@ def assumed_role_client_factory(account: AccountConfig, base: ClientFactory) -> 
             core = botocore.session.get_session()
             core._credentials = refreshable  # the documented way boto3 users attach refreshable credentials
             state["session"] = boto3.session.Session(botocore_session=core)
-        return base(service, session=state["session"], check=check)
+        return base(service, session=state["session"], check=check, once=once)
 
     return make_client
 
@@ -157,6 +167,7 @@ class Iam:
     def __init__(self, make_client: ClientFactory) -> None:
         self._make_client = make_client
         self._iam: Any = None
+        self._creator: Any = None
         self._checkers: dict[Credentials, Any] = {}  # one STS client per key: a rotation checks it many times
         self._lock = threading.Lock()
 
@@ -194,9 +205,23 @@ class Iam:
         return sorted(keys, key=lambda k: k.created)
 
     def create_key(self, user: str) -> Credentials:
-        with _wrapped("CreateAccessKey", f"user {user}"):
-            key = self._client.create_access_key(UserName=user)["AccessKey"]
-        return Credentials(key["AccessKeyId"], Secret(key["SecretAccessKey"]))
+        """Create a key; only throttling is retried (it proves the request was not processed)."""
+        with self._lock:
+            if self._creator is None:
+                self._creator = self._make_client("iam", once=True)
+            creator = self._creator
+        delay = 0.5
+        for attempt in range(8):
+            try:
+                with _wrapped("CreateAccessKey", f"user {user}"):
+                    key = creator.create_access_key(UserName=user)["AccessKey"]
+                return Credentials(key["AccessKeyId"], Secret(key["SecretAccessKey"]))
+            except IamError as exc:
+                if exc.code not in _THROTTLED or attempt == 7:
+                    raise
+            shutdown.sleep(delay * (1 + random.random()))  # noqa: S311 (jitter, not a secret)
+            delay = min(delay * 2, 20)
+        raise AssertionError("unreachable")
 
     def set_key_active(self, user: str, key_id: str, active: bool) -> None:
         with _wrapped("UpdateAccessKey", f"user {user}"):

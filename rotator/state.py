@@ -6,7 +6,8 @@ The secret never goes here; only key ids and times. Tags (all under ``rotator:``
 - ``rotator:old-key``    the key being replaced, or ``none``
 - ``rotator:new-key``    the key created (written right after CreateAccessKey)
 - ``rotator:started``    when the rotation began (UTC)
-- ``rotator:owner``      host/pid of the rotator that runs it
+- ``rotator:owner``      host/pid of the rotator that runs it (a recovering rotator writes its own)
+- ``rotator:heartbeat``  when its owner last began a step (UTC)
 - ``rotator:retired:ID`` rotator deactivated key ID; it may be deleted after this time (UTC)
 
 ``decide_recovery`` turns what is found after an interruption into what to do, following the rule of
@@ -30,12 +31,16 @@ OLD_KEY: Final = "rotator:old-key"
 NEW_KEY: Final = "rotator:new-key"
 STARTED: Final = "rotator:started"
 OWNER: Final = "rotator:owner"
+HEARTBEAT: Final = "rotator:heartbeat"
 RETIRED: Final = "rotator:retired:"
 _NONE: Final = "none"
 _TIME_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
 # A rotation owned by another host is presumed alive this long past its own propagation timeout.
 LIVE_GRACE: Final = timedelta(minutes=15)
-STRAY_WINDOW: Final = timedelta(minutes=10)
+# A key counts as this rotation's stray when AWS dated it between `started - CLOCK_SKEW` and
+# `started + CREATE_TAKES_AT_MOST` (CreateAccessKey follows the intent at once; only throttling delays it).
+CLOCK_SKEW: Final = timedelta(minutes=5)
+CREATE_TAKES_AT_MOST: Final = timedelta(minutes=3)
 
 
 class Phase(StrEnum):
@@ -69,6 +74,7 @@ class Pending:
     new_key: str | None
     started: datetime
     owner: str
+    heartbeat: datetime | None = None
 
     def presumed_alive(self, now: datetime, timeout: timedelta) -> bool:
         """Whether the rotator that owns this rotation may still be running it."""
@@ -84,7 +90,8 @@ class Pending:
                 pass
         # Another host's rotator cannot be asked; and a live pid may be a reused one. Either way, past its
         # own timeout plus a grace, a rotation is presumed dead.
-        return now - self.started < timeout + LIVE_GRACE
+        last_sign_of_life = max(self.started, self.heartbeat or self.started)
+        return now - last_sign_of_life < timeout + LIVE_GRACE
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,7 @@ def read(iam: Iam, user: str) -> UserState:
             new_key=tags.get(NEW_KEY),
             started=parse_time(tags.get(STARTED, "")) or datetime.fromtimestamp(0, UTC),
             owner=tags.get(OWNER, "unknown/0"),
+            heartbeat=parse_time(tags.get(HEARTBEAT, "")),
         )
     return UserState(pending, retired)
 
@@ -136,7 +144,21 @@ def set_phase(iam: Iam, user: str, phase: Phase) -> None:
 
 
 def finish(iam: Iam, user: str) -> None:
-    iam.untag(user, [PHASE, OLD_KEY, NEW_KEY, STARTED, OWNER])
+    iam.untag(user, [PHASE, OLD_KEY, NEW_KEY, STARTED, OWNER, HEARTBEAT])
+
+
+def claim(iam: Iam, user: str, now: datetime) -> None:
+    """This process takes over an interrupted rotation (recovery): it is the owner from now on."""
+    iam.tag(user, {OWNER: this_owner(), HEARTBEAT: format_time(now)})
+
+
+def heartbeat(iam: Iam, user: str, now: datetime) -> None:
+    iam.tag(user, {HEARTBEAT: format_time(now)})
+
+
+def owned_by_this_process(iam: Iam, user: str) -> bool:
+    """Whether the rotation recorded on the user is still this process's (no one took it over or ended it)."""
+    return iam.tags(user).get(OWNER) == this_owner()
 
 
 def mark_retired(iam: Iam, user: str, key_id: str, delete_after: datetime) -> None:
@@ -172,9 +194,8 @@ def decide_recovery(
     """What to do with an interrupted rotation, given the keys in IAM and what the sinks hold."""
     existing = {k.key_id for k in keys}
     if pending.new_key is None:
-        # CreateAccessKey follows the intent within seconds (minutes with retries); the window allows for
-        # clock skew against AWS and keeps keys someone created much later out of reach.
-        earliest, latest = pending.started - STRAY_WINDOW, pending.started + STRAY_WINDOW
+        # The window allows for clock skew against AWS and keeps keys someone created later out of reach.
+        earliest, latest = pending.started - CLOCK_SKEW, pending.started + CREATE_TAKES_AT_MOST
         strays = tuple(
             k.key_id for k in keys
             if k.key_id != pending.old_key and k.key_id not in retired and earliest <= k.created <= latest

@@ -9,8 +9,10 @@ A sink is constructed for one IAM user from its validated config model. The engi
 - ``permissions()``: what rotator's identity needs to use this sink, in the sink's own terms.
 
 Every failure raises ``SinkError`` whose message names the sink and the user and never a secret.
-A ``write`` that raises must leave the sink as it was (undoing its own partial work), because the engine
-gets no receipt from it: it neither rolls that sink back nor reads it before deleting the new key.
+A ``write`` that raises must leave the sink as it was as far as it can tell (undoing its own partial
+work), because the engine gets no receipt from it. When it knows for certain that nothing changed it says
+so (``SinkError(..., unchanged=True)``); otherwise (a timeout: the write may land later) the engine reads
+the sink back before deleting the new key, and keeps the key while the sink cannot be read.
 """
 
 from __future__ import annotations
@@ -60,6 +62,6 @@ class Sink(ABC, Generic[ConfigT]):
     @abstractmethod
     def permissions(self) -> list[str]: ...
 
-    def error(self, what: str) -> SinkError:
+    def error(self, what: str, *, unchanged: bool = False) -> SinkError:
         """A SinkError naming this sink and user; ``what`` must not contain a secret."""
-        return SinkError(f"sink {self.name} (user {self.user}): {what}")
+        return SinkError(f"sink {self.name} (user {self.user}): {what}", unchanged=unchanged)

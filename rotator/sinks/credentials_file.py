@@ -24,6 +24,7 @@ from pydantic import Field, field_validator
 from rotator import log
 from rotator.config import SinkConfig
 from rotator.credentials import Credentials, Secret
+from rotator.errors import SinkError
 from rotator.sinks.base import Receipt, Sink
 
 _KEY_ID = "aws_access_key_id"
@@ -136,6 +137,13 @@ class CredentialsFileSink(Sink[CredentialsFileSinkConfig]):
         return Credentials(key_id, Secret(secret))
 
     def write(self, credentials: Credentials) -> Receipt:
+        try:
+            return self._write(credentials)
+        except SinkError as exc:
+            exc.unchanged = True  # the file is replaced by one rename, or not at all
+            raise
+
+    def _write(self, credentials: Credentials) -> Receipt:
         target = self._target()
         with self._locked(target):
             existed, lines = self._read_lines(target)

@@ -168,7 +168,7 @@ class VaultSink(Sink[VaultSinkConfig]):
                             for k, v in data.items() if k in (names.access_key_id, names.secret_access_key)}
                 data[names.access_key_id] = credentials.access_key_id
                 data[names.secret_access_key] = credentials.secret_access_key.reveal()
-                written = self._put(data, current.version)
+                written = self._put_or_fence(data, current)
                 if written is not None:
                     break
             receipt = VaultReceipt(credentials.access_key_id, previous)
@@ -226,7 +226,7 @@ class VaultSink(Sink[VaultSinkConfig]):
             try:
                 self._undo(receipt)
             except VaultFailure as undo:
-                raise VaultFailure(f"{exc}; undoing the write failed too: {undo}") from None
+                raise VaultFailure(f"{exc}; undoing the write failed too: {undo}", in_doubt=True) from None
             raise VaultFailure(f"{exc} (the write was undone)") from None
 
     def _record(self, key_id: str | None, version: int) -> None:
@@ -281,6 +281,30 @@ class VaultSink(Sink[VaultSinkConfig]):
         wanted = (self.config.fields.access_key_id, self.config.fields.secret_access_key)
         return _Current(int(version or 0), data, {k: v for k, v in data.items() if k in wanted})
 
+    def _put_or_fence(self, data: dict[str, Any], current: _Current) -> int | None:
+        """``_put``; when its outcome is in doubt (no answer in time), make sure the write cannot land later.
+
+        On KV v2 a check-and-set write of the data as read, at the version read, fences it: if it succeeds,
+        the doubtful write (same version) can never be applied; if the doubtful write came first, the
+        fence is refused and the write is undone. Then the sink is as it was, as the Sink contract wants.
+        """
+        try:
+            return self._put(data, current.version)
+        except VaultFailure as doubt:
+            if not doubt.in_doubt or self._kv() != 2:
+                raise
+            try:
+                fenced = self._put(dict(current.data or {}), current.version)
+                if fenced is None:  # the doubtful write (or another) landed first: put the read data back
+                    landed = self._read_current()
+                    key_field = self.config.fields.access_key_id
+                    if (landed.data and landed.data.get(key_field) == data.get(key_field)
+                            and self._put(dict(current.data or {}), landed.version) is None):
+                        raise doubt  # yet another writer: the engine reads the sink back before deleting the key
+            except VaultFailure:
+                raise doubt from None  # still in doubt: the engine reads the sink back before deleting the key
+            raise VaultFailure(f"{doubt}; the write was fenced off and cannot land later") from None
+
     def _put(self, data: dict[str, Any], version: int) -> int | None:
         """Write ``data``; the new version (0 on KV v1), or None when another write came first (v2)."""
         path = self._api_path("data")
@@ -330,4 +354,4 @@ class VaultSink(Sink[VaultSinkConfig]):
         try:
             yield
         except VaultFailure as exc:
-            raise self.error(str(exc)) from None
+            raise self.error(str(exc), unchanged=not exc.in_doubt) from None

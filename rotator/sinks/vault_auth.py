@@ -64,7 +64,15 @@ VaultAuth = Annotated[TokenAuth | AppRoleAuth | KubernetesAuth, Field(discrimina
 
 
 class VaultFailure(Exception):
-    """A Vault operation failed; the text is safe to show (no secret, no token, no request body)."""
+    """A Vault operation failed; the text is safe to show (no secret, no token, no request body).
+
+    ``in_doubt``: the request may have been applied anyway (no answer in time, a dropped connection, a
+    server error); a definite refusal (4xx, connection refused) is not in doubt.
+    """
+
+    def __init__(self, message: str, *, in_doubt: bool = False) -> None:
+        super().__init__(message)
+        self.in_doubt = in_doubt
 
 
 @dataclass(frozen=True)
@@ -156,10 +164,11 @@ class VaultSession:
             raise VaultFailure(f"cannot {what}: TLS with {self.connection.url} failed: {_tls_reason(exc)}") from None
         except requests.exceptions.Timeout:
             raise VaultFailure(f"cannot {what}: no answer from {self.connection.url} within "
-                               f"{self.connection.timeout:g}s (timeout)") from None
+                               f"{self.connection.timeout:g}s (timeout)", in_doubt=True) from None
         except requests.exceptions.ConnectionError as exc:
-            raise VaultFailure(f"cannot {what}: cannot reach Vault at {self.connection.url}: "
-                               f"{_connection_reason(exc)}") from None
+            reason = _connection_reason(exc)
+            raise VaultFailure(f"cannot {what}: cannot reach Vault at {self.connection.url}: {reason}",
+                               in_doubt=reason != "connection refused") from None
         except requests.exceptions.RequestException as exc:
             raise VaultFailure(f"cannot {what}: request to {self.connection.url} failed "
                                f"({type(exc).__name__})") from None
@@ -170,7 +179,7 @@ class VaultSession:
         reply = Reply(response.status_code, body if isinstance(body, dict) else {})
         if response.ok or (reply.status in accept and not _no_mount(reply)):
             return reply
-        raise VaultFailure(f"cannot {what}: {self._reason(reply, path)}")
+        raise VaultFailure(f"cannot {what}: {self._reason(reply, path)}", in_doubt=reply.status >= 500)
 
     def _reason(self, reply: Reply, path: str) -> str:
         status, errors = reply.status, reply.errors()
