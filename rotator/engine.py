@@ -261,8 +261,8 @@ class Rotation:
         rollback.take_over()
         cause = str(exc) if isinstance(exc, RotatorError) else f"unexpected {type(exc).__name__}"
         self._log.error("rotation failed", error=cause, new_key=new_id, exc_info=not isinstance(exc, RotatorError))
-        self._owning = False
-        if self._taken_over():
+        recorded, self._owning = self._owning, False
+        if recorded and self._taken_over():  # only a rotation this process recorded can be taken from it
             self._rollback = None
             raise NeedsAttention(
                 f"rotation of {self.user} failed ({cause}), but another rotator has taken the rotation over in "
