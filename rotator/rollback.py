@@ -86,7 +86,7 @@ def signals_interrupt(rollback_in_progress: Callable[[], bool]) -> Iterator[None
             log.get().warning("signal ignored while rolling back", signal=name)
             return
         shutdown.request(name)
-        if not shutdown.in_deferred():  # else raised by the check that ends the deferred stretch
+        if not shutdown.holding_off():  # else raised by the next check, or not at all while finishing
             raise Interrupted(f"received {name}")
 
     previous: dict[int, Any] = {s: signal.signal(s, handler) for s in _SIGNALS}

@@ -71,6 +71,11 @@ def in_deferred() -> bool:
     return bool(getattr(_local, "deferred", 0))
 
 
+def holding_off() -> bool:
+    """Whether a signal arriving now must only be noted: inside a deferred stretch, or while cleaning up."""
+    return in_deferred() or bool(getattr(_local, "acknowledged", False))
+
+
 def sleep(seconds: float) -> None:
     """Sleep, but wake at once (and raise) when termination is requested."""
     check()

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -16,7 +17,10 @@ from rotator.rollback import Rollback, signals_interrupt
 
 
 @pytest.fixture(autouse=True)
-def _clean() -> None:
+def _clean() -> Iterator[None]:
+    """A termination request is process-wide: none may leak into or out of these tests."""
+    shutdown.clear()
+    yield
     shutdown.clear()
 
 
@@ -35,6 +39,16 @@ class TestSignals:
                 finished.append("write and undo registered")
             shutdown.check()
         assert finished == ["write and undo registered"]
+
+    def test_once_retiring_a_signal_does_not_cut_the_rotation_short(self) -> None:
+        """Invariant 4: past the probes, the retire step finishes rather than stopping half-way."""
+        finished = []
+        with signals_interrupt(lambda: False):
+            shutdown.acknowledge()
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+            finished.append("retired")
+        assert finished == ["retired"]
 
     def test_while_rolling_back_signals_are_ignored(self) -> None:
         """Invariants 1 and 2: a second SIGTERM does not cut the rollback short."""
