@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 from collections.abc import Iterable
 from typing import Any, NoReturn
 
 import click
 
-from rotator import config as config_module
-from rotator import log
+from rotator import log, registry, shutdown
 from rotator.config import Config
 from rotator.credentials import short_key_id
-from rotator.engine import Outcome, Result
 from rotator.errors import Busy, ConfigError, RotatorError
 from rotator.fleet import Fleet, UserStatus, iam_policy
 from rotator.lock import make_locks
+from rotator.outcome import Outcome, Result
 from rotator.runner import UserResult, run_pass
-from rotator.scheduler import Service, stop_on_signals
+from rotator.scheduler import Service
 
 
 class _Context:
@@ -28,9 +26,13 @@ class _Context:
         self.debug = debug
 
     def config(self) -> Config:
+        """The config file, validated with every registered sink and probe type; it also sets how long
+        cleanup may go on after a termination signal."""
         if not self.config_path:
             raise ConfigError("--config: no config file given (use --config FILE or set ROTATOR_CONFIG)")
-        return config_module.load(self.config_path)
+        config = registry.load_config(self.config_path)
+        shutdown.set_timeout(config.service.shutdown_timeout.total_seconds())
+        return config
 
 
 def _fail(error: BaseException, debug: bool) -> NoReturn:
@@ -47,8 +49,10 @@ class _Group(click.Group):
     """Turns rotator's errors into one line and the documented exit code."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        """Every command runs with the process's signal handling installed (``shutdown``), once."""
         try:
-            return super().invoke(ctx)
+            with shutdown.installed():
+                return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:  # every error ends here, known ones as one line
@@ -92,11 +96,11 @@ def run(obj: _Context, once: bool) -> None:
     config = obj.config()
     fleet = Fleet(config)
     locks = make_locks(config)
-    if not once:
-        sys.exit(Service(fleet, locks).run())
-    stop_on_signals(threading.Event())
-    progress = _print_progress if sys.stdout.isatty() else None
-    summary = run_pass(fleet, locks, progress=progress)
+    with shutdown.main_thread_waits():  # rotations run in workers; the main thread only waits for them
+        if not once:
+            sys.exit(Service(fleet, locks).run())
+        progress = _print_progress if sys.stdout.isatty() else None
+        summary = run_pass(fleet, locks, progress=progress)
     click.echo("\n".join(summary.lines()))
     sys.exit(summary.exit_code)
 
@@ -116,7 +120,12 @@ def recover(obj: _Context, user_name: str | None, force: bool, dry_run: bool) ->
         selection = fleet.select()
         targets, worst = selection.targets, _report_unreachable(selection.failures)
     locks = make_locks(config)
-    for target in targets:
+    for index, target in enumerate(targets):
+        if shutdown.requested():  # stop between users: the ones left are untouched
+            left = ", ".join(t.label for t in targets[index:])
+            click.echo(f"error: received {shutdown.requested()}; not recovering {left}", err=True)
+            worst = max(worst, 1)
+            break
         try:
             with locks.user(target.label) as held:
                 if not held:

@@ -95,6 +95,12 @@ class SinkConfig(Model):
 
     type: str
 
+    def target(self) -> frozenset[str]:
+        """The slots this sink writes, each named as a user would recognise it (a file and profile, a
+        Vault path and field, a Secret and data key). Two users may never share a slot: each would
+        overwrite the key the other's consumers use. By default a sink's whole config is one slot."""
+        return frozenset({f"{self.type} {self.model_dump_json(exclude={'type'})}"})
+
 
 class ProbeConfig(Model):
     """Base of every probe's config model."""
@@ -247,8 +253,42 @@ class Config(Model):
                 raise ValueError(f"{where}.account: no account named {account!r} in accounts")
         return self
 
+    @model_validator(mode="after")
+    def _no_shared_targets(self) -> Config:
+        """Two users never write one place (DESIGN.md, a sink); a selection's sinks must name ``{user}``."""
+        listed = [(f"users[{i}]", f"{u.account}/{u.name}" if u.account else u.name, u.sinks)
+                  for i, u in enumerate(self.users)]
+        problem = shared_target(listed)
+        if problem:
+            raise ValueError(problem)
+        for i, selector in enumerate(self.select):
+            for j, sink in enumerate(selector.sinks):
+                if not all("{user}" in slot for slot in sink.target()):
+                    raise ValueError(f"select[{i}].sinks[{j}]: its target ({', '.join(sorted(sink.target()))}) "
+                                     "does not contain {user}, so every selected user would write the same place; "
+                                     "two users may never share a sink target")
+        return self
+
     def account(self, name: str | None) -> AccountConfig | None:
         return next((a for a in self.accounts if a.name == name), None) if name else None
+
+
+def shared_target(users: list[tuple[str, str, list[SinkConfig]]]) -> str | None:
+    """What is wrong when two of these users (where, name, sinks) -- or two sinks of one -- would write the
+    same slot (a file's profile, a Vault field, a Secret's data key); None when none would."""
+    owners: dict[str, tuple[str, str]] = {}
+    for where, user, sinks in users:
+        mine: set[str] = set()
+        for index, sink in enumerate(sinks):
+            for slot in sorted(sink.target()):
+                if slot in mine:
+                    return f"{where}.sinks[{index}]: user {user} has two sinks that write {slot}"
+                mine.add(slot)
+                first = owners.setdefault(slot, (where, user))
+                if first != (where, user):
+                    return (f"{where}.sinks[{index}]: users {first[1]} ({first[0]}) and {user} would both write "
+                            f"{slot}; two users may never share a sink target")
+    return None
 
 
 def _path(loc: tuple[int | str, ...]) -> str:
@@ -359,19 +399,16 @@ def parse(
     return config
 
 
-def load(path: str | Path) -> Config:
-    """Read and validate a config file with every registered sink and probe type."""
-    from rotator import registry  # late: sinks and probes import this module for their base models
-
+def read_file(path: str | Path) -> Any:
+    """A config file's YAML, not yet validated (``parse`` does that, with the sink and probe models)."""
     file = Path(path)
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"--config: cannot read {file}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{file}: not valid YAML{where}") from None
-    return parse(data, registry.sink_models(), registry.probe_models())

@@ -7,7 +7,7 @@ Every error rotator raises on purpose is a ``RotatorError``; anything else is a 
     ├── ConfigError                  exit 2  bad config or usage; nothing was touched
     ├── DependencyError              exit 1  a dependency failed (names what and which user)
     │   ├── IamError                 IAM/STS call failed (botocore errors are wrapped here)
-    │   ├── SinkError                a sink could not be read/written/rolled back
+    │   ├── SinkError                a sink could not be read/written/rolled back/reloaded
     │   └── ProbeError               a health check failed with the new key
     ├── RefusedError                 exit 1  the engine will not act (two active keys, foreign
     │   │                                    inactive key); nothing changed
@@ -16,6 +16,8 @@ Every error rotator raises on purpose is a ``RotatorError``; anything else is a 
     ├── NeedsAttention               exit 3  a rotation failed and the rollback is incomplete, or a
     │                                        rotation stopped half-way; `rotator recover` finishes it
     └── Interrupted                  exit 1  SIGTERM/SIGHUP/SIGINT arrived; raised so cleanup runs
+        └── ShutdownTimeout          exit 1  service.shutdown_timeout passed while cleaning up; what
+                                             is left is recorded for `rotator recover`
 
 Messages never contain a secret: they name the user, the sink, the key id and the operation.
 """
@@ -42,21 +44,26 @@ class DependencyError(RotatorError):
 class IamError(DependencyError):
     """An IAM or STS call failed."""
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None, in_doubt: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.in_doubt = in_doubt
+        """No answer came (a timeout, a broken connection): the call may have taken effect anyway."""
 
 
 class SinkError(DependencyError):
-    """A sink could not be read, written or rolled back.
+    """A sink could not be read, written, rolled back or reload its consumers.
 
-    ``unchanged`` is the sink's promise that a failed write left it exactly as it was; without it the
-    engine assumes the write may have landed (a timeout) and reads the sink back before deleting the key.
+    ``unchanged`` is the sink's promise that a failed write left it holding what it held (the Sink base
+    class fences off or undoes a write whose outcome was in doubt); without it the write may still land
+    later, and the engine keeps the key it carried.
     """
 
-    def __init__(self, message: str, *, unchanged: bool = False) -> None:
+    def __init__(self, message: str, *, unchanged: bool = False, landed: bool = False) -> None:
         super().__init__(message)
         self.unchanged = unchanged
+        self.landed = landed
+        """The failed write did land for a moment (and was undone): a consumer may have read it."""
 
 
 class ProbeError(DependencyError):
@@ -82,4 +89,8 @@ class NeedsAttention(RotatorError):
 
 
 class Interrupted(RotatorError):
-    """A termination signal arrived; raised in the main thread so rollback runs."""
+    """A termination signal arrived; raised at the next safe point so rollback runs."""
+
+
+class ShutdownTimeout(Interrupted):
+    """The cleanup after a termination signal ran out of ``service.shutdown_timeout``."""

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from rotator import registry, state
-from rotator.config import Config, ProbeConfig, RotationSettings, SelectorConfig, SinkConfig
+from rotator.config import Config, ProbeConfig, RotationSettings, SelectorConfig, SinkConfig, shared_target
 from rotator.engine import Rotation, utc_now
 from rotator.errors import ConfigError, RotatorError
 from rotator.iam import PERMISSIONS, AccessKey, ClientFactory, Iam, assumed_role_client_factory, session_client_factory
@@ -29,6 +29,8 @@ class Target:
     sinks: tuple[SinkConfig, ...]
     probes: tuple[ProbeConfig, ...]
     settings: RotationSettings
+    source: str = ""
+    """Where the config names it: ``users[0]``, ``select[1]``."""
 
     @property
     def label(self) -> str:
@@ -75,15 +77,16 @@ class Fleet:
 
     def listed(self) -> list[Target]:
         return [
-            Target(u.name, u.account, tuple(u.sinks), tuple(u.probes), u.applied_to(self.config.defaults))
-            for u in self.config.users
+            Target(u.name, u.account, tuple(u.sinks), tuple(u.probes), u.applied_to(self.config.defaults),
+                   f"users[{i}]")
+            for i, u in enumerate(self.config.users)
         ]
 
     def select(self) -> Selection:
         """Every target: listed users, then selected ones (a listed user wins over the same selected one)."""
         selection = Selection(self.listed())
         seen = {(t.account, t.name) for t in selection.targets}
-        for selector in self.config.select:
+        for index, selector in enumerate(self.config.select):
             label = selector.account or "(own account)"
             try:
                 names = self._selected_names(selector)
@@ -99,7 +102,11 @@ class Fleet:
                     tuple(_render(s, name) for s in selector.sinks),
                     tuple(_render(p, name) for p in selector.probes),
                     selector.applied_to(self.config.defaults),
+                    f"select[{index}]",
                 ))
+        problem = shared_target([(t.source, t.label, list(t.sinks)) for t in selection.targets])
+        if problem:  # selected users whose rendered sinks meet another user's
+            raise ConfigError(f"invalid config: {problem}")
         return selection
 
     def _selected_names(self, selector: SelectorConfig) -> list[str]:

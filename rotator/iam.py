@@ -46,6 +46,8 @@ _RETRIES: Final = botocore.config.Config(
 _ONCE: Final = botocore.config.Config(
     retries={"mode": "standard", "total_max_attempts": 1}, connect_timeout=10, read_timeout=30
 )
+# Error answers that do not prove the request was not carried out: AWS answered for a request that timed out.
+_ANSWER_LOST: Final = frozenset({"RequestTimeout", "RequestTimeoutException"})
 _THROTTLED: Final = frozenset({"Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException"})
 # The propagation check does its own backoff; botocore must not retry "invalid token" on its own.
 _STS_CHECK: Final = botocore.config.Config(
@@ -142,8 +144,10 @@ def _wrapped(operation: str, subject: str) -> Iterator[None]:
         error = exc.response.get("Error", {})
         code = str(error.get("Code", "Unknown"))
         message = str(error.get("Message", "")).strip()
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         raise IamError(
-            f"{operation} for {subject} failed: {code}" + (f": {message}" if message else ""), code=code
+            f"{operation} for {subject} failed: {code}" + (f": {message}" if message else ""), code=code,
+            in_doubt=status >= 500 or code in _ANSWER_LOST,
         ) from None
     except botocore.exceptions.NoCredentialsError:
         raise IamError(
@@ -156,9 +160,9 @@ def _wrapped(operation: str, subject: str) -> Iterator[None]:
             f"{operation} for {subject}: cannot reach {exc.kwargs.get('endpoint_url', 'AWS')}",
             code="EndpointConnectionError",
         ) from None
-    except botocore.exceptions.BotoCoreError as exc:
+    except botocore.exceptions.BotoCoreError as exc:  # no answer (a timeout, a broken connection): in doubt
         raise IamError(f"{operation} for {subject} failed: {type(exc).__name__}",
-                       code=type(exc).__name__) from None
+                       code=type(exc).__name__, in_doubt=True) from None
 
 
 class Iam:

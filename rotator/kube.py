@@ -137,6 +137,20 @@ def describe_failure(exc: BaseException) -> str:
     return f"API call failed ({type(reason).__name__})"
 
 
+def answer_lost(exc: BaseException) -> bool:
+    """Whether a failed call may have been applied anyway: no answer in time, a connection that broke
+    after the request went out, or a server error. A refusal (4xx) or a connection never made was not."""
+    if isinstance(exc, ApiException):
+        return int(exc.status or 0) >= 500
+    reason = exc
+    while isinstance(reason, urllib3.exceptions.MaxRetryError) and reason.reason is not None:
+        reason = reason.reason
+    if isinstance(reason, urllib3.exceptions.NewConnectionError | ConnectionRefusedError
+                  | urllib3.exceptions.ConnectTimeoutError | urllib3.exceptions.SSLError):
+        return False
+    return isinstance(reason, urllib3.exceptions.HTTPError | OSError)
+
+
 CALL_ERRORS: tuple[type[Exception], ...] = (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError)
 """What a client call raises when it fails: an API error, no connection or no answer, an object the
 client's models refuse (pydantic's ValidationError is a ValueError), an answer that is not JSON."""
@@ -145,9 +159,11 @@ client's models refuse (pydantic's ValidationError is a ValueError), an answer t
 def call(method: Any, *args: Any, timeout: float, **kwargs: Any) -> Any:
     """Call a method of the official client's typed APIs and return the answer as parsed JSON.
 
-    Plain dicts keep every field the server sent (the generated models refuse fields they do not know,
-    which a newer API server may add), and nothing is validated on the way in. API errors still raise
-    ``ApiException``; an answer that is not JSON raises ``ValueError``.
+    Answers come back as plain dicts, keeping every field the server sent (the generated models refuse
+    fields they do not know, which a newer API server may add). Request bodies, though, are validated
+    against the client's models, which refuse unknown fields: send only what the API defines -- or a
+    patch, whose body the client takes as it is. API errors raise ``ApiException``; an answer that is
+    not JSON raises ``ValueError``.
     """
     response = method(*args, _preload_content=False, _request_timeout=timeout, **kwargs)
     try:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from functools import cache
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
-from rotator.config import ProbeConfig, SinkConfig
+from rotator.config import Config, ProbeConfig, SinkConfig, parse, read_file
 from rotator.errors import ConfigError
 from rotator.probes.base import Probe
 from rotator.probes.http import HttpProbe
@@ -60,3 +61,8 @@ def make_sink(config: SinkConfig, user: str) -> Sink[Any]:
 
 def make_probe(config: ProbeConfig, user: str) -> Probe[Any]:
     return probes()[config.type](config, user)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a config file and validate it with every registered sink and probe type."""
+    return parse(read_file(path), sink_models(), probe_models())

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from rotator import log, shutdown
-from rotator.engine import Result
 from rotator.errors import Busy, NeedsAttention, RotatorError
 from rotator.fleet import Fleet, Target
 from rotator.lock import Locks
 from rotator.metrics import Metrics
+from rotator.outcome import Result
 
 
 class Outcome(StrEnum):

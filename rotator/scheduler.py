@@ -2,17 +2,16 @@
 
 APScheduler 3 fires a pass on a cron schedule or an interval with jitter; misfires are coalesced and a
 pass is never started while one is running. Only the leader (a Lease in a cluster, a lock file on a
-host) runs passes; the others stand by. SIGTERM/SIGINT stop new passes, interrupt in-flight rotations
-(they roll back) and wait for them up to ``service.shutdown_timeout``; then the service exits 0.
+host) runs passes; the others stand by. A termination signal (``shutdown``) stops new passes and
+interrupts in-flight rotations (they roll back, within ``service.shutdown_timeout``); the service waits
+for them that long, then exits 0.
 """
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from datetime import UTC, datetime
-from types import FrameType
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -28,27 +27,12 @@ from rotator.metrics import Metrics
 from rotator.runner import run_pass
 from rotator.server import HealthServer, Readiness
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
 
 def trigger(service: ServiceConfig) -> Any:
     if service.interval is not None:
         return IntervalTrigger(seconds=max(1, int(service.interval.total_seconds())),
                                jitter=int(service.jitter.total_seconds()) or None, timezone=UTC)
     return CronTrigger.from_crontab(service.schedule or "0 3 * * *", timezone=UTC)
-
-
-def stop_on_signals(stop: threading.Event) -> None:
-    """Termination signals: stop taking work, and interrupt what is in flight (it rolls back)."""
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        log.get().info("stopping", signal=name)
-        shutdown.request(name)
-        stop.set()
-
-    for sig in _STOP_SIGNALS:
-        signal.signal(sig, handler)
 
 
 class Service:
@@ -59,12 +43,10 @@ class Service:
         self.metrics = Metrics()
         self.readiness = Readiness()  # leader stays None until the first attempt to lead
         self.leadership = locks.leader()
-        self.stop = threading.Event()
         self._passing = threading.Lock()
         self._log = log.get()
 
     def run(self) -> int:
-        stop_on_signals(self.stop)
         server = HealthServer(self.config.listen, self.metrics, self.readiness) if self.config.listen else None
         if server:
             server.start()
@@ -77,7 +59,7 @@ class Service:
         self._log.info("service started", trigger=str(scheduler.get_job("pass").trigger))
         renew = self.config.leader_election.renew_interval.total_seconds() if self.config.leader_election else 10
         try:
-            while not self.stop.wait(renew):
+            while not shutdown.wait(renew):
                 self._lead()
                 self._check_iam()
         finally:
@@ -107,7 +89,7 @@ class Service:
             self.readiness.iam_reachable, self.readiness.iam_error = True, None
 
     def _pass(self) -> None:
-        if self.stop.is_set() or not self._passing.acquire(blocking=False):
+        if shutdown.requested() or not self._passing.acquire(blocking=False):
             return
         try:
             if not self._lead():
@@ -116,7 +98,7 @@ class Service:
             summary = run_pass(self.fleet, self.locks, metrics=self.metrics)
             for line in summary.lines():
                 self._log.info("summary", line=line)
-            if summary.exit_code == 0 and not self.stop.is_set():
+            if summary.exit_code == 0 and not shutdown.requested():
                 self.metrics.last_success.set(time.time())
         except Exception as exc:  # the scheduler thread must survive anything a pass does
             self._log.error("pass failed", error=str(exc) if isinstance(exc, RotatorError) else type(exc).__name__,

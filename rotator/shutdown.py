@@ -1,29 +1,59 @@
-"""A termination request that reaches every rotation in the process, in any thread.
+"""How the process stops: one termination request, seen by every command and every thread.
 
-The signal handler (main thread) calls ``request()``. Library code may swallow an exception raised
-from a handler (botocore wraps any exception raised mid-request into a retryable ``HTTPClientError``),
-and worker threads never see handler exceptions at all, so the request is kept here and ``check()``
-raises ``Interrupted`` at the next safe point: between steps, in waits, and before botocore sends or
-retries a request. A rotation that has begun its rollback (or its final retire step) calls
-``acknowledge()``: from then on checks in its thread pass, so the cleanup is not cut short.
+The CLI installs the signal handlers once (``install``), for every command. SIGTERM, SIGINT or SIGHUP
+becomes a request (``request``) that each rotation sees at its next safe point (``check``): between
+steps, in every wait, before botocore sends or retries a request. Worker threads (a pass, the service)
+only ever see it there. In the main thread of a one-shot command the first signal also raises
+``Interrupted`` at once, so that a blocking call ends without waiting for its timeout -- unless the
+main thread is in a stretch that must not be cut (``deferred``) or is cleaning up; a command that waits
+for workers says so (``main_thread_waits``) and is never interrupted in the main thread.
+
+A rotation that has begun its rollback (or its final retire step) is cleaning up (``cleaning_up``):
+checks let its calls through, and its waits sleep for real instead of waking at once (they never spin),
+until the shutdown deadline: ``service.shutdown_timeout`` after the first signal. Past the deadline the
+cleanup is stopped too (``ShutdownTimeout``), leaving the durable state for recovery, so that the
+process leaves before a kubelet or systemd follows up with SIGKILL.
+
+Waits also keep a rotation visibly alive: ``sleep`` first calls the thread's keepalive (its heartbeat).
 """
 
 from __future__ import annotations
 
+import signal
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
-from rotator.errors import Interrupted
+from rotator import log
+from rotator.errors import Interrupted, ShutdownTimeout
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+DEFAULT_TIMEOUT = 60.0
 
 _requested: str | None = None
+_deadline = float("inf")
+_timeout = DEFAULT_TIMEOUT
+_main_waits = False
 _event = threading.Event()
 _local = threading.local()
 
 
+# -- the request ----------------------------------------------------------------------------------------
+
+def set_timeout(seconds: float) -> None:
+    """How long cleanup may go on after the first signal (``service.shutdown_timeout``)."""
+    global _timeout
+    _timeout = seconds
+
+
 def request(signal_name: str) -> None:
-    global _requested  # process-wide by nature, as signals are
+    """Ask every rotation in the process to stop; the first request starts the shutdown deadline."""
+    global _requested, _deadline  # process-wide by nature, as signals are
+    if _requested is None:
+        _deadline = time.monotonic() + _timeout
     _requested = signal_name
     _event.set()
 
@@ -32,52 +62,140 @@ def requested() -> str | None:
     return _requested
 
 
+def wait(seconds: float) -> bool:
+    """Wait up to ``seconds`` for a termination request; whether one came (the service's idle loop)."""
+    return _event.wait(seconds)
+
+
 def clear() -> None:
-    """Forget a request (the one-shot command that received it has dealt with it)."""
-    global _requested
+    """Forget a request (the command that received it has dealt with it)."""
+    global _requested, _deadline
     _requested = None
+    _deadline = float("inf")
     _event.clear()
-    _local.acknowledged = False
+    begin()
 
 
-def acknowledge() -> None:
-    """This thread is now cleaning up: let its calls through."""
-    _local.acknowledged = True
+# -- signals ---------------------------------------------------------------------------------------------
 
+def _handler(signum: int, _frame: FrameType | None) -> None:
+    name = signal.Signals(signum).name
+    first = _requested is None
+    request(name)
+    if not first:
+        log.get().warning("signal noted; already stopping", signal=name)
+        return
+    log.get().info("stopping", signal=name, shutdown_timeout_s=_timeout)
+    if not _main_waits and not holding_off():  # the handler runs in the main thread: these are its flags
+        raise Interrupted(f"received {name}")
+
+
+@contextmanager
+def installed() -> Iterator[None]:
+    """Signal handling for one command (the CLI's); the previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be installed from the main thread; whoever runs us owns the signals
+        return
+    previous: dict[int, Any] = {s: signal.signal(s, _handler) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        clear()
+
+
+@contextmanager
+def main_thread_waits() -> Iterator[None]:
+    """The main thread waits for workers and watches ``requested()`` itself: never raise in it."""
+    global _main_waits
+    _main_waits = True
+    try:
+        yield
+    finally:
+        _main_waits = False
+
+
+# -- per thread ------------------------------------------------------------------------------------------
 
 def begin() -> None:
-    """A new unit of work in this thread (a rotation): it is interruptible again."""
-    _local.acknowledged = False
+    """A new unit of work in this thread (a rotation): interruptible again, no keepalive yet."""
+    _local.cleaning = False
+    _local.keepalive = None
 
 
-def check(**_botocore_event: Any) -> None:
-    """Raise ``Interrupted`` if termination was requested (also usable as a botocore event handler)."""
-    if _requested is not None and not getattr(_local, "acknowledged", False) and not in_deferred():
-        raise Interrupted(f"received {_requested}")
+def cleaning_up() -> None:
+    """This thread is undoing (or finishing) a rotation: let its calls through until the deadline."""
+    _local.cleaning = True
+
+
+def is_cleaning_up() -> bool:
+    return bool(getattr(_local, "cleaning", False))
 
 
 @contextmanager
 def deferred() -> Iterator[None]:
-    """A stretch that must not be cut in the middle (a sink write and the bookkeeping of its undo): a
-    termination request is only noted here and raised at the next check after it."""
-    _local.deferred = getattr(_local, "deferred", 0) + 1
+    """A stretch that must not be cut in the middle (a sink write and the record of it): a request is
+    only noted here and raised at the first check after it."""
+    _local.deferred = _deferred() + 1
     try:
         yield
     finally:
         _local.deferred -= 1
 
 
-def in_deferred() -> bool:
-    return bool(getattr(_local, "deferred", 0))
+def _deferred() -> int:
+    depth: int = getattr(_local, "deferred", 0)
+    return depth
 
 
 def holding_off() -> bool:
     """Whether a signal arriving now must only be noted: inside a deferred stretch, or while cleaning up."""
-    return in_deferred() or bool(getattr(_local, "acknowledged", False))
+    return bool(_deferred()) or is_cleaning_up()
+
+
+@contextmanager
+def keepalive(beat: Callable[[], None]) -> Iterator[None]:
+    """Call ``beat`` from every wait of this thread (a rotation's heartbeat); it rate-limits itself."""
+    previous = getattr(_local, "keepalive", None)
+    _local.keepalive = beat
+    try:
+        yield
+    finally:
+        _local.keepalive = previous
+
+
+# -- safe points -----------------------------------------------------------------------------------------
+
+def check(**_botocore_event: Any) -> None:
+    """Raise ``Interrupted`` if termination was requested (also usable as a botocore event handler).
+
+    A thread that is cleaning up passes until the deadline, then gets ``ShutdownTimeout``; inside a
+    deferred stretch nothing is raised."""
+    if _requested is None or _deferred():
+        return
+    if not is_cleaning_up():
+        raise Interrupted(f"received {_requested}")
+    if time.monotonic() > _deadline:
+        raise ShutdownTimeout(f"received {_requested} and shutdown_timeout ({_timeout:g}s) has passed")
 
 
 def sleep(seconds: float) -> None:
-    """Sleep, but wake at once (and raise) when termination is requested."""
+    """Wait ``seconds``, beating the thread's heartbeat first. Before a request, the wait wakes at once
+    when one comes (and raises); after it, a thread that goes on (cleaning up) sleeps for real, never
+    past the shutdown deadline."""
+    beat = getattr(_local, "keepalive", None)
+    if beat is not None:
+        beat()
     check()
-    _event.wait(seconds)
-    check()
+    if _requested is None:
+        _event.wait(seconds)
+        check()
+        return
+    if _deferred():
+        time.sleep(seconds)  # a stretch that must not be cut is short; it ends before the next check
+        return
+    remaining = _deadline - time.monotonic()
+    if remaining <= 0:
+        raise ShutdownTimeout(f"received {_requested} and shutdown_timeout ({_timeout:g}s) has passed")
+    time.sleep(min(seconds, remaining))

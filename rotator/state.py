@@ -1,53 +1,66 @@
-"""Durable rotation state, kept as tags on the IAM user so it outlives the process and the pod.
+"""Durable rotation state, kept as tags on the IAM user so that it outlives the process and the pod.
 
 The secret never goes here; only key ids and times. Tags (all under ``rotator:``):
 
-- ``rotator:phase``      creating | pushing | retiring | rolling-back  (absent: no rotation running)
-- ``rotator:old-key``    the key being replaced, or ``none``
-- ``rotator:new-key``    the key created (written right after CreateAccessKey)
-- ``rotator:started``    when the rotation began (UTC)
-- ``rotator:owner``      host/pid of the rotator that runs it (a recovering rotator writes its own)
-- ``rotator:heartbeat``  when its owner last began a step (UTC)
-- ``rotator:retired:ID`` rotator deactivated key ID; it may be deleted after this time (UTC)
+- ``rotator:phase``        how far the rotation got:
+                           ``creating`` (intent recorded; CreateAccessKey may follow at any moment),
+                           ``created`` (the new key's id is recorded; it is in no sink yet),
+                           ``pushing`` (sinks, and the consumers they reload, may hold the new key),
+                           ``retiring`` (every sink and consumer holds the new key; the old key is retired)
+- ``rotator:rolling-back`` present once the rotation is being undone
+- ``rotator:old-key``      the key being replaced, or ``none``
+- ``rotator:new-key``      the key created (written right after CreateAccessKey answered)
+- ``rotator:started``      when the rotation began (UTC)
+- ``rotator:owner``        host/pid of the rotator running it (a recovering rotator writes its own)
+- ``rotator:alive-until``  the owner's promise to write again before then, or be dead (UTC)
+- ``rotator:retired:ID``   rotator deactivated key ID; it may be deleted after this time (UTC)
 
-``decide_recovery`` turns what is found after an interruption into what to do, following the rule of
-DESIGN.md: roll forward when the new secret can be read back from a sink, roll back otherwise.
+``Journal`` writes them for the rotator that owns a rotation. Every write carries a fresh
+``alive-until``, so the heartbeat rides on the step's own write; during waits, ``Journal.beat`` (called
+from ``shutdown.sleep``) refreshes it at most every ``BEAT_EVERY``.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Final
 
-from rotator.iam import AccessKey, Iam
+from rotator import log
+from rotator.errors import IamError
+from rotator.iam import Iam
 
 PREFIX: Final = "rotator:"
 PHASE: Final = "rotator:phase"
+ROLLING_BACK: Final = "rotator:rolling-back"
 OLD_KEY: Final = "rotator:old-key"
 NEW_KEY: Final = "rotator:new-key"
 STARTED: Final = "rotator:started"
 OWNER: Final = "rotator:owner"
-HEARTBEAT: Final = "rotator:heartbeat"
+ALIVE_UNTIL: Final = "rotator:alive-until"
 RETIRED: Final = "rotator:retired:"
+_LEGACY_HEARTBEAT: Final = "rotator:heartbeat"
+_STATE_TAGS: Final = (PHASE, ROLLING_BACK, OLD_KEY, NEW_KEY, STARTED, OWNER, ALIVE_UNTIL, _LEGACY_HEARTBEAT)
 _NONE: Final = "none"
 _TIME_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
-# A rotation owned by another host is presumed alive this long past its own propagation timeout.
-LIVE_GRACE: Final = timedelta(minutes=15)
-# A key counts as this rotation's stray when AWS dated it between `started - CLOCK_SKEW` and
-# `started + CREATE_TAKES_AT_MOST` (CreateAccessKey follows the intent at once; only throttling delays it).
-CLOCK_SKEW: Final = timedelta(minutes=5)
-CREATE_TAKES_AT_MOST: Final = timedelta(minutes=3)
+
+ALIVE_FOR: Final = timedelta(minutes=15)
+"""How long a rotation is presumed alive after its owner's last write. Waits beat every ``BEAT_EVERY``;
+the rest of the margin covers the longest single request between two beats (request timeouts are far
+shorter) and clock skew between hosts."""
+BEAT_EVERY: Final = 30.0  # seconds
 
 
 class Phase(StrEnum):
     CREATING = "creating"
+    CREATED = "created"
     PUSHING = "pushing"
     RETIRING = "retiring"
-    ROLLING_BACK = "rolling-back"
 
 
 def format_time(moment: datetime) -> str:
@@ -74,9 +87,15 @@ class Pending:
     new_key: str | None
     started: datetime
     owner: str
-    heartbeat: datetime | None = None
+    rolling_back: bool = False
+    alive_until: datetime | None = None
 
-    def presumed_alive(self, now: datetime, timeout: timedelta) -> bool:
+    @property
+    def sinks_may_hold_new_key(self) -> bool:
+        """Whether a sink (and so a consumer it reloads) may have held the new key at some point."""
+        return self.new_key is not None and self.phase not in (Phase.CREATING, Phase.CREATED)
+
+    def presumed_alive(self, now: datetime) -> bool:
         """Whether the rotator that owns this rotation may still be running it."""
         host, _, pid = self.owner.rpartition("/")
         if host == socket.gethostname() and pid.isdigit():
@@ -88,10 +107,9 @@ class Pending:
                 return False
             except PermissionError:
                 pass
-        # Another host's rotator cannot be asked; and a live pid may be a reused one. Either way, past its
-        # own timeout plus a grace, a rotation is presumed dead.
-        last_sign_of_life = max(self.started, self.heartbeat or self.started)
-        return now - last_sign_of_life < timeout + LIVE_GRACE
+        # Another host's rotator cannot be asked, and a live pid may be a reused one: the owner's own
+        # promise decides. (A record without one, from an older rotator: its start plus the window.)
+        return now < (self.alive_until or self.started + ALIVE_FOR)
 
 
 @dataclass(frozen=True)
@@ -107,108 +125,101 @@ def read(iam: Iam, user: str) -> UserState:
         for key, value in tags.items()
         if key.startswith(RETIRED) and (when := parse_time(value)) is not None
     }
-    pending = None
-    if PHASE in tags:
-        try:
-            phase = Phase(tags[PHASE])
-        except ValueError:
-            phase = Phase.ROLLING_BACK  # unknown phase: the safe reading is "undo"
-        old = tags.get(OLD_KEY, _NONE)
-        pending = Pending(
-            phase=phase,
-            old_key=None if old == _NONE else old,
-            new_key=tags.get(NEW_KEY),
-            started=parse_time(tags.get(STARTED, "")) or datetime.fromtimestamp(0, UTC),
-            owner=tags.get(OWNER, "unknown/0"),
-            heartbeat=parse_time(tags.get(HEARTBEAT, "")),
-        )
+    if PHASE not in tags:
+        return UserState(None, retired)
+    rolling_back = ROLLING_BACK in tags
+    try:
+        phase = Phase(tags[PHASE])
+    except ValueError:  # unknown (or an older rotator's "rolling-back"): the safe reading is "undo"
+        phase, rolling_back = Phase.PUSHING, True
+    old = tags.get(OLD_KEY, _NONE)
+    pending = Pending(
+        phase=phase,
+        old_key=None if old == _NONE else old,
+        new_key=tags.get(NEW_KEY),
+        started=parse_time(tags.get(STARTED, "")) or datetime.fromtimestamp(0, UTC),
+        owner=tags.get(OWNER, "unknown/0"),
+        rolling_back=rolling_back,
+        alive_until=parse_time(tags.get(ALIVE_UNTIL, "")),
+    )
     return UserState(pending, retired)
-
-
-def begin(iam: Iam, user: str, old_key: str | None, now: datetime) -> None:
-    """Record intent before CreateAccessKey, so a key created just before a crash is found."""
-    iam.tag(user, {
-        PHASE: Phase.CREATING.value,
-        OLD_KEY: old_key or _NONE,
-        STARTED: format_time(now),
-        OWNER: this_owner(),
-    })
-
-
-def record_new_key(iam: Iam, user: str, new_key: str) -> None:
-    iam.tag(user, {NEW_KEY: new_key, PHASE: Phase.PUSHING.value})
-
-
-def set_phase(iam: Iam, user: str, phase: Phase) -> None:
-    iam.tag(user, {PHASE: phase.value})
-
-
-def finish(iam: Iam, user: str) -> None:
-    iam.untag(user, [PHASE, OLD_KEY, NEW_KEY, STARTED, OWNER, HEARTBEAT])
-
-
-def claim(iam: Iam, user: str, now: datetime) -> None:
-    """This process takes over an interrupted rotation (recovery): it is the owner from now on."""
-    iam.tag(user, {OWNER: this_owner(), HEARTBEAT: format_time(now)})
-
-
-def heartbeat(iam: Iam, user: str, now: datetime) -> None:
-    iam.tag(user, {HEARTBEAT: format_time(now)})
-
-
-def owned_by_this_process(iam: Iam, user: str) -> bool:
-    """Whether the rotation recorded on the user is still this process's (no one took it over or ended it)."""
-    return iam.tags(user).get(OWNER) == this_owner()
-
-
-def mark_retired(iam: Iam, user: str, key_id: str, delete_after: datetime) -> None:
-    iam.tag(user, {RETIRED + key_id: format_time(delete_after)})
 
 
 def forget_retired(iam: Iam, user: str, key_id: str) -> None:
     iam.untag(user, [RETIRED + key_id])
 
 
-class Recovery(StrEnum):
-    FORGET = "forget"                  # nothing was created, or it is already gone
-    DELETE_STRAYS = "delete-strays"    # keys created before their id was recorded; in no sink
-    ROLL_BACK = "roll-back"            # put the old key back where the new one went, delete the new
-    ROLL_FORWARD = "roll-forward"      # finish: push the new key everywhere, probe, retire the old
-    STUCK = "stuck"                    # neither direction is possible without an operator
+class Journal:
+    """The durable record of one rotation, written by the rotator that owns it."""
 
+    def __init__(self, iam: Iam, user: str, now: Callable[[], datetime]) -> None:
+        self.iam = iam
+        self.user = user
+        self.now = now
+        self.owning = False
+        """This process recorded (or claimed) the rotation: it keeps the heartbeat and may end it."""
+        self._last_write = 0.0
 
-@dataclass(frozen=True)
-class RecoveryPlan:
-    action: Recovery
-    reason: str
-    strays: tuple[str, ...] = ()
+    def begin(self, old_key: str | None) -> datetime:
+        """Record intent before CreateAccessKey, so that a key created just before a crash is found."""
+        started = self.now()
+        self._write({PHASE: Phase.CREATING.value, OLD_KEY: old_key or _NONE, STARTED: format_time(started),
+                     OWNER: this_owner()})
+        self.owning = True
+        return started
 
+    def record_new_key(self, new_key: str) -> None:
+        self._write({NEW_KEY: new_key, PHASE: Phase.CREATED.value})
 
-def decide_recovery(
-    pending: Pending,
-    keys: list[AccessKey],
-    retired: dict[str, datetime],
-    holders_of_new: int,
-    holders_of_old: int,
-) -> RecoveryPlan:
-    """What to do with an interrupted rotation, given the keys in IAM and what the sinks hold."""
-    existing = {k.key_id for k in keys}
-    if pending.new_key is None:
-        # The window allows for clock skew against AWS and keeps keys someone created later out of reach.
-        earliest, latest = pending.started - CLOCK_SKEW, pending.started + CREATE_TAKES_AT_MOST
-        strays = tuple(
-            k.key_id for k in keys
-            if k.key_id != pending.old_key and k.key_id not in retired and earliest <= k.created <= latest
-        )
-        if strays:
-            return RecoveryPlan(Recovery.DELETE_STRAYS, "a key was created but its id never recorded", strays)
-        return RecoveryPlan(Recovery.FORGET, "interrupted before a key was created")
-    if pending.new_key not in existing:
-        if holders_of_new:
-            return RecoveryPlan(Recovery.STUCK, f"a sink holds {pending.new_key}, which no longer exists")
-        return RecoveryPlan(Recovery.FORGET, "the new key is already deleted")
-    if not holders_of_new:
-        return RecoveryPlan(Recovery.ROLL_BACK, "the new key reached no sink")
-    if pending.phase is Phase.ROLLING_BACK and holders_of_old:
-        return RecoveryPlan(Recovery.ROLL_BACK, "interrupted while rolling back")
-    return RecoveryPlan(Recovery.ROLL_FORWARD, "the new key is in a sink")
+    def pushing(self) -> None:
+        self._write({PHASE: Phase.PUSHING.value})
+
+    def retiring(self, old_key: str | None, delete_after: datetime | None) -> None:
+        """Every sink and consumer holds the new key; ``old_key`` is about to be deactivated (and, with a
+        grace, recorded as retired until ``delete_after``)."""
+        tags = {PHASE: Phase.RETIRING.value}
+        if old_key and delete_after is not None:
+            tags[RETIRED + old_key] = format_time(delete_after)
+        self._write(tags)
+
+    def rolling_back(self) -> None:
+        self._write({ROLLING_BACK: "yes"})
+
+    def claim(self) -> None:
+        """This process takes over an interrupted rotation (recovery): the owner from now on."""
+        self._write({OWNER: this_owner()})
+        self.owning = True
+
+    def finish(self, *, deleted_retired: str | None = None) -> None:
+        """The rotation is over (done or undone): its state goes; so does the retired mark of a key deleted."""
+        self.iam.untag(self.user, [*_STATE_TAGS, *([RETIRED + deleted_retired] if deleted_retired else [])])
+        self.owning = False
+
+    def release(self) -> None:
+        """This process gives the rotation up half-done (needs attention): another may take it at once."""
+        if not self.owning:
+            return
+        self.owning = False
+        try:
+            self.iam.tag(self.user, {ALIVE_UNTIL: format_time(self.now())})
+        except IamError as exc:
+            log.get().warning("could not release the rotation", user=self.user, error=str(exc))
+
+    def beat(self) -> None:
+        """Refresh ``alive-until`` during a wait, at most every ``BEAT_EVERY`` seconds; a failure only warns
+        (the next beat may succeed, and the window is long)."""
+        if not self.owning or time.monotonic() - self._last_write < BEAT_EVERY:
+            return
+        try:
+            self._write({})
+        except IamError as exc:
+            log.get().warning("heartbeat not recorded", user=self.user, error=str(exc))
+
+    def owned_by_this_process(self) -> bool:
+        """Whether the rotation recorded on the user is still this process's (no one took it over or ended it)."""
+        return self.iam.tags(self.user).get(OWNER) == this_owner()
+
+    def _write(self, tags: dict[str, str]) -> None:
+        """Only ``begin`` and ``claim`` name the owner: a rotator that was taken over must not take it back."""
+        self._last_write = time.monotonic()  # first: a beat inside this write's own retries must not recurse
+        self.iam.tag(self.user, {**tags, ALIVE_UNTIL: format_time(self.now() + ALIVE_FOR)})

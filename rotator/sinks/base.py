@@ -1,25 +1,44 @@
-"""The Sink contract: where consumers read their key from.
+"""The Sink contract, and the policy every sink shares.
 
-A sink is constructed for one IAM user from its validated config model. The engine calls:
+A sink is a place consumers read their key from. It is built for one IAM user from its validated config
+model. The engine calls:
 
-- ``read()``: the credentials the sink holds now (None if it holds none). Recovery uses it to see
-  which key each sink holds and to read a secret back when rolling forward or back.
-- ``write(credentials) -> Receipt``: put the key in place, durably, returning what is needed to undo it.
-- ``rollback(receipt)``: put back exactly what the sink held before that write.
+- ``read()``: the credentials the sink holds now (None if it holds none);
+- ``write(credentials, replacing=None) -> Receipt``: put the key in place; with ``replacing``, only
+  over that key id (recovery puts the old key back where it finds the new one);
+- ``rollback(receipt)``: put back what the sink held before that write;
+- ``consumers()``, ``prepare_reload()``, ``reload()``: the programs that read the sink, made to load what
+  it holds now (the engine's reload step, after every sink is written, and again after a rollback);
+- ``target``: what it writes, in slots; two users may never share a slot;
 - ``permissions()``: what rotator's identity needs to use this sink, in the sink's own terms.
 
-Every failure raises ``SinkError`` whose message names the sink and the user and never a secret.
-A ``write`` that raises must leave the sink as it was as far as it can tell (undoing its own partial
-work), because the engine gets no receipt from it. When it knows for certain that nothing changed it says
-so (``SinkError(..., unchanged=True)``); otherwise (a timeout: the write may land later) the engine reads
-the sink back before deleting the new key, and keeps the key while the sink cannot be read.
+What is the same for every store lives here, once:
+
+- a write is a read, then a write conditional on the version read; when the store changed in between
+  (``Conflict``) it is read again and retried, ``conflict_retries`` times;
+- a receipt records what the write replaced and is good only for the sink that issued it;
+- a rollback never puts the old key back over a key someone else wrote since (the still-ours check);
+- a write whose outcome is in doubt (no answer in time) may still land later. It is fenced: the store
+  is moved past the version the write was based on, so that a late arrival is refused, and if it had
+  landed already it is undone. A store without a fence cannot promise that: the write fails with
+  ``unchanged`` False and the engine keeps the key it carried;
+- a write that landed while its follow-up failed (half done) is undone.
+
+So a ``write`` that raises leaves the sink holding what it held (``SinkError.unchanged``), or says it
+cannot know. A sink implements only its store's reads and writes (the methods marked *adapter* below);
+they raise ``StoreFailure`` (``Conflict`` for a version mismatch), which the base turns into the sink's
+``SinkError``, naming the sink and the user, never a secret.
 """
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from typing import ClassVar, Generic, TypeVar
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, NoReturn, TypeVar
 
+from rotator import log
 from rotator.config import SinkConfig
 from rotator.credentials import Credentials
 from rotator.errors import SinkError
@@ -27,14 +46,51 @@ from rotator.errors import SinkError
 ConfigT = TypeVar("ConfigT", bound=SinkConfig)
 
 
-class Receipt:
-    """What a write replaced; opaque to the engine, meaningful only to the sink that issued it.
+class StoreFailure(Exception):
+    """What a sink's adapter raises; the text is safe to show (no secret, no request body).
 
-    It may hold the previous secret, so its repr says nothing about its contents.
+    ``in_doubt``: no answer came (a timeout, a dropped connection, a server error), so the request may
+    have been applied anyway. ``landed``: the write was applied but a follow-up of the same write failed.
     """
 
+    def __init__(self, message: str, *, in_doubt: bool = False, landed: bool = False) -> None:
+        super().__init__(message)
+        self.in_doubt = in_doubt
+        self.landed = landed
+
+
+class Conflict(StoreFailure):
+    """The store changed since it was read: a conditional write (or fence) was refused."""
+
+
+@dataclass(frozen=True, repr=False)
+class Snapshot:
+    """What a store holds now: our key (if any), the version a conditional write names, and the adapter's
+    own view of the content (a Secret object, a Vault secret's data, a file's lines)."""
+
+    key: Credentials | None
+    version: Any = None
+    content: Any = None
+
+    @property
+    def key_id(self) -> str | None:
+        return self.key.access_key_id if self.key else None
+
     def __repr__(self) -> str:
-        return f"<{type(self).__name__}>"
+        return f"<Snapshot key={self.key_id} version={self.version!r}>"
+
+
+@dataclass(frozen=True, repr=False)
+class Receipt:
+    """What a write replaced; good only for the sink that issued it. It may hold the previous secret, so
+    its repr says nothing of its contents."""
+
+    issuer: str
+    written_key_id: str
+    before: Snapshot
+
+    def __repr__(self) -> str:
+        return f"<Receipt of {self.issuer} for {self.written_key_id}>"
 
 
 class Sink(ABC, Generic[ConfigT]):
@@ -50,18 +106,181 @@ class Sink(ABC, Generic[ConfigT]):
     def name(self) -> str:
         """Short human name, e.g. ``credentials_file:/home/app/.aws/credentials[app]``."""
 
-    @abstractmethod
-    def read(self) -> Credentials | None: ...
-
-    @abstractmethod
-    def write(self, credentials: Credentials) -> Receipt: ...
-
-    @abstractmethod
-    def rollback(self, receipt: Receipt) -> None: ...
+    @property
+    def target(self) -> frozenset[str]:
+        """The slots this sink writes (``SinkConfig.target``)."""
+        return self.config.target()
 
     @abstractmethod
     def permissions(self) -> list[str]: ...
 
-    def error(self, what: str, *, unchanged: bool = False) -> SinkError:
+    def error(self, what: str, *, unchanged: bool = False, landed: bool = False) -> SinkError:
         """A SinkError naming this sink and user; ``what`` must not contain a secret."""
-        return SinkError(f"sink {self.name} (user {self.user}): {what}", unchanged=unchanged)
+        return SinkError(f"sink {self.name} (user {self.user}): {what}", unchanged=unchanged, landed=landed)
+
+    # -- adapter: the store's reads and writes ----------------------------------------------------------
+
+    @abstractmethod
+    def _load(self) -> Snapshot:
+        """What the store holds now."""
+
+    @abstractmethod
+    def _store(self, base: Snapshot, credentials: Credentials) -> None:
+        """Write our fields with ``credentials``, conditional on ``base.version`` (``Conflict`` if it moved)."""
+
+    @abstractmethod
+    def _restore(self, current: Snapshot, before: Snapshot) -> None:
+        """Make our fields hold what ``before`` held, conditional on ``current.version``."""
+
+    @property
+    def can_fence(self) -> bool:
+        """Whether ``_fence`` exists: a store with versions can refuse a write that lands late."""
+        return False
+
+    def _fence(self, base: Snapshot) -> None:
+        """Move the store past ``base.version`` without changing our fields (``Conflict`` if it moved)."""
+        raise NotImplementedError
+
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
+        """Spans a load and the write that follows (a lock, where the store has one)."""
+        return contextlib.nullcontext()
+
+    @property
+    def conflict_retries(self) -> int:
+        return 3
+
+    conflict_hint: ClassVar[str] = "; another writer keeps changing it"
+    """Said when every write attempt met a conflict: how this store calls it, and the setting to raise."""
+
+    # -- adapter: consumers --------------------------------------------------------------------------------
+
+    def consumers(self) -> list[str]:
+        """The programs this sink makes load its key (e.g. ``deployment/app``); none by default."""
+        return []
+
+    def _check_consumers(self) -> None:
+        """Before the first write: refuse consumers a reload could not reach (no-op by default)."""
+
+    def _reload_consumers(self) -> None:
+        """Make the consumers load what the sink holds now, and wait until they are ready."""
+
+    # -- the contract --------------------------------------------------------------------------------------
+
+    def read(self) -> Credentials | None:
+        with self._failing():
+            return self._load().key
+
+    def write(self, credentials: Credentials, *, replacing: str | None = None) -> Receipt:
+        written = credentials.access_key_id
+        with self._failing():
+            for _attempt in self._attempts("write", "the store changed between rotator's read and its write",
+                                           self.conflict_hint, in_doubt=False):
+                with self._transaction():
+                    base = self._load()
+                    if base.key_id == written:
+                        return Receipt(self._issuer, written, base)  # already there: nothing to write or undo
+                    if replacing is not None and base.key_id != replacing:
+                        raise StoreFailure(f"holds key {base.key_id or '(none)'}, not {replacing}; not writing "
+                                           f"{written} over it")
+                    try:
+                        self._store(base, credentials)
+                    except Conflict:
+                        continue
+                    except StoreFailure as failure:
+                        if failure.in_doubt or failure.landed:
+                            self._settle(base, written, failure)
+                        raise
+                    log.get().info("sink written", sink=self.name, user=self.user, key_id=written)
+                    return Receipt(self._issuer, written, base)
+        raise AssertionError("unreachable")  # _attempts raises when they are used up
+
+    def rollback(self, receipt: Receipt) -> None:
+        if not isinstance(receipt, Receipt) or receipt.issuer != self._issuer:
+            raise self.error(f"cannot roll back with {receipt!r}: it was issued by another sink")
+        with self._failing():
+            self._put_back(receipt.before, receipt.written_key_id)
+        log.get().info("sink rolled back", sink=self.name, user=self.user, key_id=receipt.before.key_id)
+
+    def prepare_reload(self) -> None:
+        with self._failing():
+            self._check_consumers()
+
+    def reload(self) -> None:
+        with self._failing():
+            self._reload_consumers()
+
+    # -- shared policy -------------------------------------------------------------------------------------
+
+    @property
+    def _issuer(self) -> str:
+        return f"{self.name} (user {self.user})"
+
+    def _put_back(self, before: Snapshot, written: str) -> None:
+        """Make the store hold what ``before`` held again, unless someone else wrote another key since."""
+        for _attempt in self._attempts("put the previous key back", "no definite answer or a conflict"):
+            with self._transaction():
+                current = self._load()
+                if current.key_id == before.key_id:
+                    return  # already as before (an earlier try that answered late, or someone put it back)
+                if current.key_id not in (written, None):
+                    raise StoreFailure(f"now holds key {current.key_id}, written by someone else since rotator "
+                                       f"wrote {written}; not putting the previous key back over it")
+                try:
+                    self._restore(current, before)
+                    return
+                except Conflict:
+                    continue
+                except StoreFailure as failure:
+                    if not failure.in_doubt:
+                        raise
+                    continue  # read again: it may have landed
+        raise AssertionError("unreachable")
+
+    def _settle(self, base: Snapshot, written: str, failure: StoreFailure) -> NoReturn:
+        """A write that may have landed, or landed half: leave the store as it was, or say it cannot."""
+        landed = failure.landed
+        try:
+            if landed:
+                self._put_back(base, written)
+                outcome = "the write was undone"
+            elif not self.can_fence:
+                raise StoreFailure("it may still land later, and this store has no way to refuse a late write",
+                                   in_doubt=True)
+            else:
+                landed, outcome = self._fence_off(base, written)
+        except StoreFailure as again:
+            raise StoreFailure(f"{failure}; {again}", in_doubt=True) from None
+        log.get().warning("sink write settled", sink=self.name, user=self.user, outcome=outcome)
+        raise StoreFailure(f"{failure}; {outcome}", landed=landed)
+
+    def _fence_off(self, base: Snapshot, written: str) -> tuple[bool, str]:
+        """(whether the write had landed, what became of it)."""
+        for _attempt in self._attempts("fence off the write", "no definite answer"):
+            try:
+                self._fence(base)
+                return False, "the write was fenced off and cannot land later"
+            except Conflict:
+                # Only one conditional write on base.version can succeed: ours, the fence's twin, or another's.
+                if self._load().key_id == written:
+                    self._put_back(base, written)
+                    return True, "it had landed, and was undone"
+                return False, "the store moved on since, so the write can no longer land"
+            except StoreFailure as doubt:
+                if not doubt.in_doubt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _attempts(self, what: str, why: str, hint: str = "", *, in_doubt: bool = True) -> Iterator[int]:
+        """Attempt numbers for a retry loop; when the loop used them all (it neither returned nor raised),
+        the failure is raised here (``in_doubt`` unless every attempt was refused)."""
+        tries = self.conflict_retries + 1
+        yield from range(tries)
+        raise StoreFailure(f"cannot {what}: {why} {tries} times in a row{hint}", in_doubt=in_doubt)
+
+    @contextlib.contextmanager
+    def _failing(self) -> Iterator[None]:
+        """StoreFailure -> this sink's SinkError; ``from None`` so no HTTP exception (or body) rides along."""
+        try:
+            yield
+        except StoreFailure as failure:
+            raise self.error(str(failure), unchanged=not failure.in_doubt, landed=failure.landed) from None

@@ -4,7 +4,8 @@ Edited line by line, not with configparser, so that what rotator does not own (o
 comments, blank lines, key order, line endings) survives byte for byte. Only the profile's two keys
 change; its ``aws_session_token`` is removed (next to a long-lived key it makes every call fail) and
 comes back on rollback. A sidecar ``.<file>.rotator.lock`` (flock) serialises read-modify-write
-cycles, and the file is replaced atomically (temp file, fsync, rename, directory fsync) with mode 0600.
+cycles, and the file is replaced atomically (temp file, fsync, rename, directory fsync) with mode 0600,
+so a write is never in doubt: it happened or it did not.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -24,8 +24,7 @@ from pydantic import Field, field_validator
 from rotator import log
 from rotator.config import SinkConfig
 from rotator.credentials import Credentials, Secret
-from rotator.errors import SinkError
-from rotator.sinks.base import Receipt, Sink
+from rotator.sinks.base import Sink, Snapshot, StoreFailure
 
 _KEY_ID = "aws_access_key_id"
 _SECRET = "aws_secret_access_key"  # noqa: S105 (a key name, not a secret)
@@ -52,14 +51,9 @@ class CredentialsFileSinkConfig(SinkConfig):
             raise ValueError("a profile name must be non-empty, without [ ], line breaks or edge spaces")
         return value
 
-
-@dataclass(frozen=True, repr=False)
-class CredentialsFileReceipt(Receipt):
-    previous_section: tuple[str, ...] | None
-    """The section's exact lines (header included) before the write; None when it was absent."""
-    file_existed: bool
-    separator_added: bool
-    """The write put a blank line before the section it appended; rollback takes it away again."""
+    def target(self) -> frozenset[str]:
+        """The file (symlinks and ``~`` resolved) and the profile."""
+        return frozenset({f"credentials file {os.path.realpath(os.path.expanduser(self.path))} [{self.profile}]"})
 
 
 def _body(line: str) -> str:
@@ -121,81 +115,74 @@ class CredentialsFileSink(Sink[CredentialsFileSinkConfig]):
     def permissions(self) -> list[str]:
         return [f"read and write {self.config.path} (mode 0600) and create files in its directory"]
 
-    def read(self) -> Credentials | None:
-        _, lines = self._read_lines(self._target())
+    # -- adapter ---------------------------------------------------------------------------------------
+
+    def _transaction(self) -> contextlib.AbstractContextManager[None]:
+        return self._locked(self._target())
+
+    def _load(self) -> Snapshot:
+        existed, lines = self._read_lines(self._target())
+        span = self._span(lines)
+        key = None
+        if span is not None:
+            values: dict[str, str] = {}
+            for line in lines[span[0] + 1 : span[1]]:
+                entry = _entry(line)
+                if entry:
+                    values.setdefault(entry["key"].lower(), entry["value"])
+            key_id, secret = values.get(_KEY_ID), values.get(_SECRET)
+            if key_id and secret:
+                key = Credentials(key_id, Secret(secret))
+        return Snapshot(key, content=(existed, lines))
+
+    def _store(self, base: Snapshot, credentials: Credentials) -> None:
+        existed, lines = base.content
+        lines = list(lines)
+        newline = _newline(lines)
+        wanted = {_KEY_ID: credentials.access_key_id, _SECRET: credentials.secret_access_key.reveal()}
+        if any(c in value for value in wanted.values() for c in "\r\n"):
+            raise StoreFailure("refusing a key id or secret that contains a line break")
         span = self._span(lines)
         if span is None:
-            return None
-        values: dict[str, str] = {}
-        for line in lines[span[0] + 1 : span[1]]:
-            entry = _entry(line)
-            if entry:
-                values.setdefault(entry["key"].lower(), entry["value"])
-        key_id, secret = values.get(_KEY_ID), values.get(_SECRET)
-        if not key_id or not secret:
-            return None
-        return Credentials(key_id, Secret(secret))
+            lines += [newline] if _ends_with_text(lines) else []
+            lines += _updated_section([f"[{self.config.profile}]{newline}"], wanted, newline)
+        else:
+            lines[span[0] : span[1]] = _updated_section(lines[span[0] : span[1]], wanted, newline)
+        self._replace(self._target(), _join(lines, newline), existed)
 
-    def write(self, credentials: Credentials) -> Receipt:
-        try:
-            return self._write(credentials)
-        except SinkError as exc:
-            exc.unchanged = True  # the file is replaced by one rename, or not at all
-            raise
-
-    def _write(self, credentials: Credentials) -> Receipt:
+    def _restore(self, current: Snapshot, before: Snapshot) -> None:
+        """Put the profile's section back exactly as it was (or take it away); the rest of the file as it is."""
+        existed, lines = current.content
+        lines = list(lines)
+        had_file, old_lines = before.content
+        newline = _newline(lines)
+        span, old_span = self._span(lines), self._span(old_lines)
+        if old_span is not None:
+            section = old_lines[old_span[0] : old_span[1]]
+            if span is not None:
+                lines[span[0] : span[1]] = section
+            else:  # someone removed the section since; put it back at the end
+                lines += ([newline] if _ends_with_text(lines) else []) + section
+        elif span is not None:
+            del lines[span[0] : span[1]]
+            separator_added = _ends_with_text(old_lines)  # the write put a blank line before the section
+            if separator_added and span[0] > 0 and not lines[span[0] - 1].strip():
+                del lines[span[0] - 1]
         target = self._target()
-        with self._locked(target):
-            existed, lines = self._read_lines(target)
-            newline = _newline(lines)
-            wanted = {_KEY_ID: credentials.access_key_id, _SECRET: credentials.secret_access_key.reveal()}
-            if any(c in value for value in wanted.values() for c in "\r\n"):
-                raise self.error("refusing a key id or secret that contains a line break")
-            span = self._span(lines)
-            previous: tuple[str, ...] | None = None
-            separator = False
-            if span is None:
-                separator = _ends_with_text(lines)
-                lines += [newline] if separator else []
-                lines += _updated_section([f"[{self.config.profile}]{newline}"], wanted, newline)
-            else:
-                previous = tuple(lines[span[0] : span[1]])
-                lines[span[0] : span[1]] = _updated_section(lines[span[0] : span[1]], wanted, newline)
+        if existed and not had_file and not any(line.strip() for line in lines):
+            with self._failing_as("remove the file"):
+                target.unlink()
+                self._fsync_directory(target.parent)
+        elif lines != current.content[1]:
             self._replace(target, _join(lines, newline), existed)
-        return CredentialsFileReceipt(previous, existed, separator)
-
-    def rollback(self, receipt: Receipt) -> None:
-        if not isinstance(receipt, CredentialsFileReceipt):
-            raise self.error(f"cannot roll back with a {type(receipt).__name__} from another sink")
-        target = self._target()
-        with self._locked(target):
-            existed, lines = self._read_lines(target)
-            newline = _newline(lines)
-            before = list(lines)
-            span = self._span(lines)
-            if receipt.previous_section is not None:
-                if span is not None:
-                    lines[span[0] : span[1]] = receipt.previous_section
-                else:  # someone removed the section since; put it back at the end
-                    lines += ([newline] if _ends_with_text(lines) else []) + list(receipt.previous_section)
-            elif span is not None:
-                del lines[span[0] : span[1]]
-                if receipt.separator_added and span[0] > 0 and not lines[span[0] - 1].strip():
-                    del lines[span[0] - 1]
-            if existed and not receipt.file_existed and not any(line.strip() for line in lines):
-                with self._failing_as("remove the file"):
-                    target.unlink()
-                    self._fsync_directory(target.parent)
-            elif lines != before:
-                self._replace(target, _join(lines, newline), existed)
 
     @contextlib.contextmanager
     def _failing_as(self, action: str) -> Iterator[None]:
-        """OSError -> SinkError with only the OS's reason: never the exception itself, nor file content."""
+        """OSError -> StoreFailure with only the OS's reason: never the exception itself, nor file content."""
         try:
             yield
         except OSError as exc:
-            raise self.error(f"cannot {action}: {exc.strerror or type(exc).__name__}") from None
+            raise StoreFailure(f"cannot {action}: {exc.strerror or type(exc).__name__}") from None
 
     def _target(self) -> Path:
         path = Path(self.config.path).expanduser()
@@ -203,17 +190,17 @@ class CredentialsFileSink(Sink[CredentialsFileSinkConfig]):
             if not path.is_symlink():
                 return path
             if not self.config.follow_symlinks:
-                raise self.error("is a symlink; set follow_symlinks: true to write through it")
+                raise StoreFailure("is a symlink; set follow_symlinks: true to write through it")
             try:
                 return path.resolve()
             except RuntimeError:  # Python < 3.13 reports a symlink loop this way
-                raise self.error("cannot resolve the symlink: it is a loop") from None
+                raise StoreFailure("cannot resolve the symlink: it is a loop") from None
 
     def _span(self, lines: list[str]) -> tuple[int, int] | None:
         """[start, end) of the profile's section, trailing blank lines excluded (they separate sections)."""
         starts = [i for i, line in enumerate(lines) if _header(line) == self.config.profile]
         if len(starts) > 1:
-            raise self.error(f"the profile appears {len(starts)} times in the file (AWS tools refuse that)")
+            raise StoreFailure(f"the profile appears {len(starts)} times in the file (AWS tools refuse that)")
         if not starts:
             return None
         end = next((i for i in range(starts[0] + 1, len(lines)) if _header(lines[i]) is not None), len(lines))
@@ -232,7 +219,7 @@ class CredentialsFileSink(Sink[CredentialsFileSinkConfig]):
                 with os.fdopen(fd, encoding="utf-8", newline="") as file:
                     text = file.read()
             except UnicodeDecodeError:
-                raise self.error("cannot read the file: it is not UTF-8 text") from None
+                raise StoreFailure("cannot read the file: it is not UTF-8 text") from None
         return True, _LINE.findall(text)
 
     @contextlib.contextmanager
@@ -256,7 +243,7 @@ class CredentialsFileSink(Sink[CredentialsFileSinkConfig]):
                 missing.append(directory)
                 directory = directory.parent
             if not directory.is_dir():
-                raise self.error(f"cannot create a file in {directory}: Not a directory")
+                raise StoreFailure(f"cannot create a file in {directory}: Not a directory")
             owner = directory.stat()
             for created in reversed(missing):
                 created.mkdir(mode=0o700)

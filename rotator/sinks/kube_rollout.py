@@ -15,8 +15,10 @@ With ``reloader: true``, a workload carrying Stakater Reloader's annotations for
 (``secret.reloader.stakater.com/reload`` naming it, or ``reloader.stakater.com/auto`` /
 ``secret.reloader.stakater.com/auto`` with a pod template that references it, or
 ``reloader.stakater.com/search`` with the Secret annotated ``reloader.stakater.com/match``) is left
-for Reloader to roll; rotator still waits for that rollout (a generation newer than the one seen
-before the Secret changed, then complete and ready).
+for Reloader to roll when rotator writes a new key; rotator still waits for that rollout (a generation
+newer than the one seen before the Secret changed, then complete and ready). When rotator puts the old
+key back, or finishes a rotation that another process began, it restarts every workload itself: it
+cannot know what Reloader did in the meantime.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from kubernetes import client as k8s
 
 from rotator import kube, shutdown
 from rotator.config import format_duration
-from rotator.errors import SinkError
+from rotator.sinks.kube_secret import KubeFailure, failure
 
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 _STRATEGIC_MERGE = "application/strategic-merge-patch+json"
@@ -181,8 +183,6 @@ class Rollout:
         timeout: float,
         request_timeout: float,
         reloader: bool,
-        failure: Callable[[str, BaseException, str, str, str | None], SinkError],
-        error: Callable[[str], SinkError],
         logger: Any,
     ) -> None:
         self._apps = apps
@@ -192,49 +192,35 @@ class Rollout:
         self.timeout = timeout
         self.request_timeout = request_timeout
         self.reloader = reloader
-        self._failure = failure
-        self._error = error
         self._log = logger
 
-    def prepare(self, secret_annotations: Mapping[str, str], only: Sequence[WorkloadRef] | None = None,
-                *, missing_ok: bool = False) -> list[Target]:
-        """Read each workload before the Secret changes: refuse one whose pods a restart would not
-        replace; note its generation and whether Reloader rolls it."""
+    def prepare(self, secret_annotations: Mapping[str, str] | None, *, missing_ok: bool = False) -> list[Target]:
+        """Read each workload: refuse one whose pods a restart would not replace. Before the Secret changes
+        (``secret_annotations`` given), also note its generation and whether Reloader rolls it; after
+        (None), rotator restarts every workload itself."""
         targets = []
-        for ref in self.workloads if only is None else only:
+        for ref in self.workloads:
             obj = self._read(ref, missing_ok=missing_ok)
             if obj is None:
                 self._log.warning("workload gone; not rolling it", workload=str(ref))
                 continue
             problem = not_restartable(ref.kind, obj)
             if problem:
-                raise self._error(f"{ref} {problem}; fix it or remove it from `restart`")
+                raise KubeFailure(f"{ref} {problem}; fix it or remove it from `restart`")
             template = (obj.get("spec") or {}).get("template") or {}
             if not references_secret(template, self.secret):
                 self._log.warning("workload does not reference the Secret in its pod template", workload=str(ref))
-            via_reloader = self.reloader and reloader_handles(obj, self.secret, secret_annotations)
+            via_reloader = (self.reloader and secret_annotations is not None
+                            and reloader_handles(obj, self.secret, secret_annotations))
             targets.append(Target(ref, int(obj["metadata"].get("generation") or 0), via_reloader))
         return targets
 
-    def roll(self, targets: Sequence[Target], rolled: list[WorkloadRef], *, secret_changed: bool = True,
-             strict: bool = True) -> None:
-        """Restart each target (or leave it to Reloader), then wait until all are complete and ready.
-
-        Each workload restarted (or left to Reloader) is appended to ``rolled`` as soon as that is so.
-        With ``strict`` false (when putting things back) a rollout that does not become ready within
-        the timeout is logged, not raised: its ready pods are the old ones, which hold the old key.
-        """
+    def roll(self, targets: Sequence[Target]) -> None:
+        """Restart each target (or leave it to Reloader), then wait until all are complete and ready."""
         for target in targets:
             if not target.via_reloader:
                 self._restart(target.ref)
-            rolled.append(target.ref)
-        awaited = [t for t in targets if secret_changed or not t.via_reloader]
-        try:
-            self._wait(awaited)
-        except SinkError as exc:
-            if strict:
-                raise
-            self._log.warning("rollout not ready while putting the Secret back", error=str(exc))
+        self._wait(targets)
 
     def _restart(self, ref: WorkloadRef) -> None:
         stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -244,7 +230,7 @@ class Rollout:
             kube.call(patch, ref.name, self.namespace, body, timeout=self.request_timeout,
                       _content_type=_STRATEGIC_MERGE)
         except kube.CALL_ERRORS as exc:
-            raise self._failure(f"restart {ref}", exc, "patch", ref.resource, ref.name) from None
+            raise failure(f"restart {ref}", exc, "patch", ref.resource, ref.name, self.namespace) from None
         self._log.info("rollout restarted", workload=str(ref), restarted_at=stamp)
 
     def _read(self, ref: WorkloadRef, *, missing_ok: bool = False) -> dict[str, Any] | None:
@@ -255,23 +241,27 @@ class Rollout:
             if exc.status == 404:
                 if missing_ok:
                     return None
-                raise self._error(f"{ref} does not exist in namespace {self.namespace} (404)") from None
-            raise self._failure(f"read {ref}", exc, "get", ref.resource, ref.name) from None
+                raise KubeFailure(f"{ref} does not exist in namespace {self.namespace} (404)") from None
+            raise failure(f"read {ref}", exc, "get", ref.resource, ref.name, self.namespace) from None
         except kube.CALL_ERRORS as exc:
-            raise self._failure(f"read {ref}", exc, "get", ref.resource, ref.name) from None
+            raise failure(f"read {ref}", exc, "get", ref.resource, ref.name, self.namespace) from None
         return obj
 
     def _wait(self, targets: Sequence[Target]) -> None:
+        """Poll until every target is complete and ready; each pause beats the rotation's heartbeat and
+        ends at once on a termination request (or, while cleaning up, at the shutdown deadline)."""
         deadline = time.monotonic() + self.timeout
         pending = list(targets)
         pause = 0.05
         while pending:
             waiting: list[tuple[Target, str]] = []
             for target in pending:
-                obj = self._read(target.ref)
-                assert obj is not None
+                obj = self._read(target.ref, missing_ok=True)
+                if obj is None:
+                    self._log.warning("workload gone while waiting for it", workload=str(target.ref))
+                    continue
                 if deadline_exceeded(target.ref.kind, obj):
-                    raise self._error(f"{target.ref} did not become ready: its rollout exceeded its progress "
+                    raise KubeFailure(f"{target.ref} did not become ready: its rollout exceeded its progress "
                                       "deadline (ProgressDeadlineExceeded)")
                 if target.via_reloader and int(obj["metadata"].get("generation") or 0) <= target.generation:
                     waiting.append((target, "waiting for Reloader to roll it"))
@@ -287,7 +277,7 @@ class Rollout:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 what = ", ".join(f"{t.ref} ({left})" for t, left in waiting)
-                raise self._error(f"{what}: not complete and ready within rollout_timeout {_seconds(self.timeout)}")
+                raise KubeFailure(f"{what}: not complete and ready within rollout_timeout {_seconds(self.timeout)}")
             shutdown.sleep(min(pause, remaining))
             pause = min(pause * 1.5, _MAX_POLL)
 

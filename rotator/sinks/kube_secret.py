@@ -1,9 +1,11 @@
-"""The calls the kubernetes sink makes on its Secret, each failure turned into the sink's error.
+"""The calls the kubernetes sink makes on its Secret, and how a failed API call is described.
 
-Every call goes through ``rotator.kube.call`` (plain JSON both ways, a per-request timeout). Conflicts
-the sink resolves by reading again (409 on PUT, create or delete) come back as ``False``/``None``; every
-other failure raises the sink's ``SinkError`` saying what was attempted and why -- the status code and
-reason, and for 403 the verb and object, never the API server's message (it can quote the request).
+Every call goes through ``rotator.kube.call`` (JSON answers, a per-request timeout). Writes are JSON
+merge patches that carry the ``resourceVersion`` they were based on, so the API server refuses one
+(409 Conflict) when the Secret changed since it was read; the patch names only the fields rotator owns,
+and the client passes a patch body as it is. Conflicts come back as ``Conflict``; every other failure
+raises ``KubeFailure`` saying what was attempted and why -- the status code and reason, and for 403
+the verb and object, never the API server's message (it can quote the request, and so the secret).
 """
 
 from __future__ import annotations
@@ -14,19 +16,43 @@ from typing import Any
 from kubernetes import client as k8s
 
 from rotator import kube
-from rotator.errors import SinkError
+from rotator.sinks.base import Conflict, StoreFailure
 
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+_MERGE_PATCH = "application/merge-patch+json"
+
+
+class KubeFailure(StoreFailure):
+    """A Kubernetes API call failed; the text is safe to show."""
+
+
+def failure(action: str, exc: BaseException, verb: str, resource: str, name: str | None,
+            namespace: str) -> KubeFailure:
+    """A failed API call, as what was attempted and why; in doubt when it may have been applied anyway."""
+    what = kube.describe_failure(exc)
+    if isinstance(exc, k8s.ApiException):
+        status = kube.api_status(exc)
+        if status.code == 403:
+            target = f"{resource}/{name}" if name else resource
+            what = (f"forbidden (403): rotator's identity may not {verb} {target} in namespace {namespace}; "
+                    "`rotator permissions` lists the RBAC rules this sink needs")
+        elif status.code == 401:
+            what = "the API server rejected rotator's credentials (401 Unauthorized)"
+        elif status.code == 404 and status.kind == "namespaces":
+            what = f"namespace {namespace} does not exist (404)"
+        elif status.code == 422:
+            fields = f": {', '.join(status.fields)}" if status.fields else ""
+            what = f"the API server rejected it as invalid (422 Invalid{fields})"
+    return KubeFailure(f"cannot {action}: {what}", in_doubt=kube.answer_lost(exc))
 
 
 class SecretApi:
     def __init__(self, core: Callable[[], k8s.CoreV1Api], namespace: str, name: str, *, timeout: float,
-                 error: Callable[[str], SinkError], logger: Any) -> None:
+                 logger: Any) -> None:
         self._core = core
         self.namespace = namespace
         self.name = name
         self._timeout = timeout
-        self.error = error
         self._log = logger
 
     def get(self) -> dict[str, Any] | None:
@@ -36,80 +62,68 @@ class SecretApi:
         except k8s.ApiException as exc:
             if exc.status == 404:
                 return None
-            raise self.failure("read the Secret", exc, "get", "secrets", self.name) from None
+            raise self._failure("read the Secret", exc, "get") from None
         except kube.CALL_ERRORS as exc:
-            raise self.failure("read the Secret", exc, "get", "secrets", self.name) from None
+            raise self._failure("read the Secret", exc, "get") from None
         return found
 
-    def create(self, data: dict[str, str], notes: dict[str, str], *, labelled: bool = True) -> dict[str, Any] | None:
-        """Create the Secret; None when one appeared meanwhile (409 AlreadyExists)."""
-        metadata: dict[str, Any] = {"name": self.name, "namespace": self.namespace,
-                                    "annotations": notes}
+    def create(self, data: dict[str, str], annotations: dict[str, str], *, labelled: bool = True,
+               action: str = "create the Secret") -> None:
+        """Create the Secret; ``Conflict`` when one exists already (409 AlreadyExists)."""
+        metadata: dict[str, Any] = {"name": self.name, "namespace": self.namespace, "annotations": annotations}
         if labelled:
             metadata["labels"] = {MANAGED_BY_LABEL: "rotator"}
         body = {"apiVersion": "v1", "kind": "Secret", "metadata": metadata, "type": "Opaque", "data": data}
         try:
-            created: dict[str, Any] = kube.call(self._core().create_namespaced_secret, self.namespace, body,
-                                                timeout=self._timeout)
+            kube.call(self._core().create_namespaced_secret, self.namespace, body, timeout=self._timeout)
         except k8s.ApiException as exc:
             if exc.status == 409:
-                self._log.info("the Secret was created by someone else meanwhile; updating it instead")
-                return None
-            raise self.failure("create the Secret", exc, "create", "secrets", None) from None
+                self._log.info("the Secret exists already (409 AlreadyExists); reading it again")
+                raise Conflict(f"cannot {action}: it exists already") from None
+            raise self._failure(action, exc, "create", named=False) from None
         except kube.CALL_ERRORS as exc:
-            raise self.failure("create the Secret", exc, "create", "secrets", None) from None
+            raise self._failure(action, exc, "create", named=False) from None
         self._log.info("created the Secret", labels={MANAGED_BY_LABEL: "rotator"} if labelled else {})
-        return created
 
-    def replace(self, body: dict[str, Any], action: str) -> bool:
-        """PUT with the resourceVersion in ``body``; False on 409 Conflict (read again and retry)."""
+    def patch(self, current: dict[str, Any], data: dict[str, str | None], annotations: dict[str, str | None],
+              action: str) -> None:
+        """Set (or with None remove) data keys and annotations, if the Secret is still ``current``."""
+        body: dict[str, Any] = {"metadata": {"resourceVersion": current["metadata"].get("resourceVersion")}}
+        if annotations:
+            body["metadata"]["annotations"] = annotations
+        if data:
+            body["data"] = data
         try:
-            kube.call(self._core().replace_namespaced_secret, self.name, self.namespace, body,
-                      timeout=self._timeout)
+            kube.call(self._core().patch_namespaced_secret, self.name, self.namespace, body,
+                      timeout=self._timeout, _content_type=_MERGE_PATCH)
         except k8s.ApiException as exc:
             if exc.status == 409:
                 self._log.info("the Secret changed since it was read (409 Conflict); reading it again")
-                return False
-            if exc.status == 422 and body.get("immutable"):
-                raise self.error(f"cannot {action}: the Secret is immutable (immutable: true), so its data "
-                                 "cannot change (422 Invalid); recreate it without `immutable`, or use another "
-                                 "Secret") from None
-            raise self.failure(action, exc, "update", "secrets", self.name) from None
+                raise Conflict(f"cannot {action}: the Secret changed since it was read") from None
+            if exc.status == 422 and current.get("immutable") and data:
+                raise KubeFailure(f"cannot {action}: the Secret is immutable (immutable: true), so its data "
+                                  "cannot change (422 Invalid); recreate it without `immutable`, or use another "
+                                  "Secret") from None
+            raise self._failure(action, exc, "patch") from None
         except kube.CALL_ERRORS as exc:
-            raise self.failure(action, exc, "update", "secrets", self.name) from None
-        return True
+            raise self._failure(action, exc, "patch") from None
 
-    def delete(self, current: dict[str, Any]) -> bool:
-        """Delete the Secret if it is still the version read; False on 409 Conflict."""
+    def delete(self, current: dict[str, Any]) -> None:
+        """Delete the Secret if it is still ``current`` (``Conflict`` if it changed; gone already is fine)."""
         meta = current["metadata"]
         options = {"preconditions": {"uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion")}}
         try:
             kube.call(self._core().delete_namespaced_secret, self.name, self.namespace,
                       body=options, timeout=self._timeout)
         except k8s.ApiException as exc:
-            if exc.status in (404, 409):
-                return bool(exc.status == 404)  # already gone / changed since read: read again
-            raise self.failure("delete the Secret it created", exc, "delete", "secrets", self.name) from None
+            if exc.status == 404:
+                return
+            if exc.status == 409:
+                raise Conflict("cannot delete the Secret it created: it changed since it was read") from None
+            raise self._failure("delete the Secret it created", exc, "delete") from None
         except kube.CALL_ERRORS as exc:
-            raise self.failure("delete the Secret it created", exc, "delete", "secrets", self.name) from None
+            raise self._failure("delete the Secret it created", exc, "delete") from None
         self._log.info("deleted the Secret the write had created")
-        return True
 
-    def failure(self, action: str, exc: BaseException, verb: str, resource: str, name: str | None) -> SinkError:
-        """A SinkError for a failed API call: what was attempted and why, never the response body."""
-        namespace = self.namespace
-        what = kube.describe_failure(exc)
-        if isinstance(exc, k8s.ApiException):
-            status = kube.api_status(exc)
-            if status.code == 403:
-                target = f"{resource}/{name}" if name else resource
-                what = (f"forbidden (403): rotator's identity may not {verb} {target} in namespace {namespace}; "
-                        "`rotator permissions` lists the RBAC rules this sink needs")
-            elif status.code == 401:
-                what = "the API server rejected rotator's credentials (401 Unauthorized)"
-            elif status.code == 404 and status.kind == "namespaces":
-                what = f"namespace {namespace} does not exist (404)"
-            elif status.code == 422:
-                fields = f": {', '.join(status.fields)}" if status.fields else ""
-                what = f"the API server rejected it as invalid (422 Invalid{fields})"
-        return self.error(f"cannot {action}: {what}")
+    def _failure(self, action: str, exc: BaseException, verb: str, *, named: bool = True) -> KubeFailure:
+        return failure(action, exc, verb, "secrets", self.name if named else None, self.namespace)

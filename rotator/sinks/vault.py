@@ -5,20 +5,18 @@ default); every other field stored there is kept. The KV version is read from th
 Vault CLI does (``sys/internal/ui/mounts``), or set with ``kv_version``.
 
 KV v2 writes use check-and-set: the version read is the version the write expects, so a concurrent
-writer is never silently overwritten; on a mismatch the secret is read again and the write retried, up to
-``cas_retries`` times. The secret's ``custom_metadata`` records which key id rotator wrote, in which
-version and when. Rollback puts back the two fields as they were (on v2 as a new version, keeping what
-others wrote since), or deletes the version rotator wrote when the path held nothing before; it refuses
-to touch a path where someone else has put a different key since. KV v1 has no versions: the write is a
-read-modify-write, and rollback writes back the previous content or deletes the path.
+writer is never silently overwritten (the Sink base class reads again and retries, ``cas_retries``
+times), and a write whose answer was lost is fenced off by a check-and-set write at the same version.
+The secret's ``custom_metadata`` records which key id rotator wrote, in which version and when; if that
+record cannot be written, the write is undone. Rollback puts back the two fields as they were (on v2 as
+a new version, keeping what others wrote since), or deletes the version rotator wrote when the path held
+nothing before. KV v1 has no versions: a write is a read-modify-write, and one whose answer was lost
+cannot be fenced off, so the engine keeps the key it carried until ``rotator recover`` settles it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
@@ -28,7 +26,7 @@ from pydantic import Field, field_validator, model_validator
 from rotator import log
 from rotator.config import Duration, Model, SinkConfig
 from rotator.credentials import Credentials, Secret
-from rotator.sinks.base import Receipt, Sink
+from rotator.sinks.base import Conflict, Sink, Snapshot
 from rotator.sinks.vault_auth import Connection, TokenAuth, VaultAuth, VaultFailure, VaultSession
 
 _METADATA_KEYS = ("rotator_key_id", "rotator_version", "rotator_written_at", "rotator_user")
@@ -91,21 +89,12 @@ class VaultSinkConfig(SinkConfig):
             raise ValueError("must be a non-empty path without empty, '.' or '..' segments")
         return value
 
-
-@dataclass(frozen=True, repr=False)
-class VaultReceipt(Receipt):
-    written_key_id: str
-    previous: dict[str, Any]
-    """rotator's two fields as they were (the secret wrapped in ``Secret``); a field that was absent is missing."""
-
-
-@dataclass(frozen=True)
-class _Current:
-    version: int
-    """KV v2: the latest version (0: the path never existed), which a check-and-set write must name."""
-    data: dict[str, Any] | None
-    """None: nothing readable there (absent, or its latest version deleted)."""
-    fields: dict[str, Any] = field(default_factory=dict)
+    def target(self) -> frozenset[str]:
+        """One slot per field at the secret's path, on that server and namespace."""
+        namespace = f"{self.namespace.strip('/')}/" if self.namespace and self.namespace.strip("/") else ""
+        where = f"vault {urlsplit(self.url).netloc.lower()}/{namespace}{self.mount}/{self.path}"
+        names = (self.fields.access_key_id, self.fields.secret_access_key)
+        return frozenset({f"{where} field {name}" for name in names})
 
 
 class VaultSink(Sink[VaultSinkConfig]):
@@ -124,6 +113,18 @@ class VaultSink(Sink[VaultSinkConfig]):
     def name(self) -> str:
         namespace = f"{self.config.namespace.strip('/')}/" if self.config.namespace else ""
         return f"vault:{urlsplit(self.config.url).netloc}/{namespace}{self.config.mount}/{self.config.path}"
+
+    @property
+    def conflict_retries(self) -> int:
+        return self.config.cas_retries if self._kv() == 2 else 0
+
+    conflict_hint: ClassVar[str] = " (check-and-set): another writer keeps changing it, so rotator did not " \
+                                   "overwrite it (cas_retries)"
+
+    @property
+    def can_fence(self) -> bool:
+        """KV v2 can: a check-and-set write at the version a doubtful write was based on. KV v1 has no versions."""
+        return self._kv() == 2
 
     def permissions(self) -> list[str]:
         """The Vault policy this sink needs (deploy/vault-policy.hcl is the same for the example path)."""
@@ -147,87 +148,63 @@ class VaultSink(Sink[VaultSinkConfig]):
                          f"(login at auth/{self.config.auth.mount}/login needs no policy)")
         return lines
 
-    # -- the contract -----------------------------------------------------------------------------
+    # -- adapter ----------------------------------------------------------------------------------------
 
-    def read(self) -> Credentials | None:
-        with self._failing():
-            current = self._read_current()
-        key_id = current.fields.get(self.config.fields.access_key_id)
-        secret = current.fields.get(self.config.fields.secret_access_key)
-        if not isinstance(key_id, str) or not isinstance(secret, str) or not key_id or not secret:
-            return None
-        return Credentials(key_id, Secret(secret))
+    def _load(self) -> Snapshot:
+        """The secret now; ``version`` is its latest KV v2 version (0: never written; always 0 on v1) and
+        ``content`` its data (None: nothing readable there, absent or its latest version deleted)."""
+        path = self._api_path("data")
+        reply = self._session.request("GET", path, what=f"read {path}", accept=(404,))
+        data = reply.data.get("data") if self._kv() == 2 else reply.data
+        version = int((reply.data.get("metadata") or {}).get("version") or 0) if self._kv() == 2 else 0
+        if reply.status == 404 or not isinstance(data, dict):
+            return Snapshot(None, version, None)
+        key_id = data.get(self.config.fields.access_key_id)
+        secret = data.get(self.config.fields.secret_access_key)
+        key = None
+        if isinstance(key_id, str) and isinstance(secret, str) and key_id and secret:
+            key = Credentials(key_id, Secret(secret))
+        return Snapshot(key, version, dict(data))
 
-    def write(self, credentials: Credentials) -> Receipt:
+    def _store(self, base: Snapshot, credentials: Credentials) -> None:
         names = self.config.fields
-        with self._failing():
-            for _attempt in self._attempts("write"):
-                current = self._read_current()
-                data = dict(current.data or {})
-                previous = {k: Secret(v) if k == names.secret_access_key and isinstance(v, str) else v
-                            for k, v in data.items() if k in (names.access_key_id, names.secret_access_key)}
-                data[names.access_key_id] = credentials.access_key_id
-                data[names.secret_access_key] = credentials.secret_access_key.reveal()
-                written = self._put_or_fence(data, current)
-                if written is not None:
-                    break
-            receipt = VaultReceipt(credentials.access_key_id, previous)
-            if written:  # a KV v2 version
-                self._record_or_undo(receipt, written)
-        self._log.info("vault secret written", key_id=credentials.access_key_id, version=written or None)
-        return receipt
-
-    def rollback(self, receipt: Receipt) -> None:
-        if not isinstance(receipt, VaultReceipt):
-            raise self.error(f"cannot roll back with a {type(receipt).__name__} from another sink")
-        with self._failing():
-            self._undo(receipt)
-
-    # -- steps ------------------------------------------------------------------------------------
-
-    def _undo(self, receipt: VaultReceipt) -> None:
-        """Put rotator's two fields back as they were, keeping whatever else changed since the write."""
-        names = (self.config.fields.access_key_id, self.config.fields.secret_access_key)
-        previous_id = receipt.previous.get(names[0])
-        for _attempt in self._attempts("roll back"):
-            current = self._read_current()
-            held = current.fields.get(names[0])
-            if held == previous_id and held != receipt.written_key_id:
-                return  # already as before (an earlier rollback, or someone put it back)
-            if held is not None and held != receipt.written_key_id:
-                raise VaultFailure(f"cannot roll back: the secret now holds key {held}, not {receipt.written_key_id} "
-                                   "that rotator wrote; someone else changed it, so rotator leaves it alone")
-            data = dict(current.data or {})
-            for name in names:
-                value = receipt.previous.get(name)
-                if name not in receipt.previous:
-                    data.pop(name, None)
-                else:
-                    data[name] = value.reveal() if isinstance(value, Secret) else value
-            restored = self._put(data, current.version) if data else self._delete(current.version)
-            if restored is None:
-                continue  # check-and-set conflict: read again
-            self._log.info("vault secret rolled back", key_id=previous_id, version=restored or None)
-            if self._kv() == 2 and self.config.record_metadata:
-                held_now = previous_id if data and isinstance(previous_id, str) else None
-                try:
-                    self._record(held_now, restored)
-                except VaultFailure as exc:  # the old key is back; stale bookkeeping must not fail the rollback
-                    self._log.warning("vault custom_metadata not updated after rollback", error=str(exc))
-            return
-
-    def _record_or_undo(self, receipt: VaultReceipt, version: int) -> None:
-        """Record the write in custom_metadata; when that fails, undo the write so that it is all or nothing."""
-        if not self.config.record_metadata:
-            return
-        try:
-            self._record(receipt.written_key_id, version)
-        except VaultFailure as exc:
+        data = dict(base.content or {})
+        data[names.access_key_id] = credentials.access_key_id
+        data[names.secret_access_key] = credentials.secret_access_key.reveal()
+        written = self._put(data, base.version)
+        if written and self.config.record_metadata:
             try:
-                self._undo(receipt)
-            except VaultFailure as undo:
-                raise VaultFailure(f"{exc}; undoing the write failed too: {undo}", in_doubt=True) from None
-            raise VaultFailure(f"{exc} (the write was undone)") from None
+                self._record(credentials.access_key_id, written)
+            except VaultFailure as exc:  # all or nothing: the base class undoes the write
+                raise VaultFailure(str(exc), landed=True) from None
+
+    def _restore(self, current: Snapshot, before: Snapshot) -> None:
+        """Our two fields back as ``before`` had them (absent ones removed), keeping whatever else changed
+        since; a path that held nothing readable is made to hold nothing again."""
+        names = (self.config.fields.access_key_id, self.config.fields.secret_access_key)
+        old = before.content or {}
+        data = dict(current.content or {})
+        for name in names:
+            if name in old:
+                data[name] = old[name]
+            else:
+                data.pop(name, None)
+        restored = self._put(data, current.version) if data else self._delete(current.version)
+        if restored and self.config.record_metadata:
+            held = old.get(names[0]) if data else None
+            try:
+                self._record(held if _text(held) else None, restored)
+            except VaultFailure as exc:  # the old key is back; stale bookkeeping must not fail the rollback
+                self._log.warning("vault custom_metadata not updated after rollback", error=str(exc))
+
+    def _fence(self, base: Snapshot) -> None:
+        """A check-and-set write of what was read, at the version read: after it, a doubtful write based on
+        that version can never be applied. A path that held nothing readable is made to hold nothing again."""
+        fenced = self._put(dict(base.content or {}), base.version)
+        if base.content is None:
+            self._delete(fenced)
+
+    # -- KV v1 and v2 -----------------------------------------------------------------------------------
 
     def _record(self, key_id: str | None, version: int) -> None:
         """Which key the secret's ``version`` holds, written when; no key: the entries are removed (JSON null)."""
@@ -239,8 +216,6 @@ class VaultSink(Sink[VaultSinkConfig]):
         path = f"{self.config.mount}/metadata/{self.config.path}"
         self._session.request("PATCH", path, what=f"record custom_metadata at {path}",
                               payload={"custom_metadata": values}, merge_patch=True)
-
-    # -- KV v1 and v2 -----------------------------------------------------------------------------
 
     def _kv(self) -> int:
         """The mount's KV version, as the Vault CLI finds it; ``kv_version`` when the token may not see it."""
@@ -271,42 +246,8 @@ class VaultSink(Sink[VaultSinkConfig]):
         mount, path = self.config.mount, self.config.path
         return f"{mount}/{kind}/{path}" if self._kv() == 2 else f"{mount}/{path}"
 
-    def _read_current(self) -> _Current:
-        path = self._api_path("data")
-        reply = self._session.request("GET", path, what=f"read {path}", accept=(404,))
-        data = reply.data.get("data") if self._kv() == 2 else reply.data
-        version = (reply.data.get("metadata") or {}).get("version", 0) if self._kv() == 2 else 0
-        if reply.status == 404 or not isinstance(data, dict):
-            return _Current(int(version or 0), None)
-        wanted = (self.config.fields.access_key_id, self.config.fields.secret_access_key)
-        return _Current(int(version or 0), data, {k: v for k, v in data.items() if k in wanted})
-
-    def _put_or_fence(self, data: dict[str, Any], current: _Current) -> int | None:
-        """``_put``; when its outcome is in doubt (no answer in time), make sure the write cannot land later.
-
-        On KV v2 a check-and-set write of the data as read, at the version read, fences it: if it succeeds,
-        the doubtful write (same version) can never be applied; if the doubtful write came first, the
-        fence is refused and the write is undone. Then the sink is as it was, as the Sink contract wants.
-        """
-        try:
-            return self._put(data, current.version)
-        except VaultFailure as doubt:
-            if not doubt.in_doubt or self._kv() != 2:
-                raise
-            try:
-                fenced = self._put(dict(current.data or {}), current.version)
-                if fenced is None:  # the doubtful write (or another) landed first: put the read data back
-                    landed = self._read_current()
-                    key_field = self.config.fields.access_key_id
-                    if (landed.data and landed.data.get(key_field) == data.get(key_field)
-                            and self._put(dict(current.data or {}), landed.version) is None):
-                        raise doubt  # yet another writer: the engine reads the sink back before deleting the key
-            except VaultFailure:
-                raise doubt from None  # still in doubt: the engine reads the sink back before deleting the key
-            raise VaultFailure(f"{doubt}; the write was fenced off and cannot land later") from None
-
-    def _put(self, data: dict[str, Any], version: int) -> int | None:
-        """Write ``data``; the new version (0 on KV v1), or None when another write came first (v2)."""
+    def _put(self, data: dict[str, Any], version: int) -> int:
+        """Write ``data``; the new version (0 on KV v1). ``Conflict`` when another write came first (v2)."""
         path = self._api_path("data")
         if self._kv() == 1:
             self._session.request("POST", path, what=f"write {path}", payload=data)
@@ -316,15 +257,14 @@ class VaultSink(Sink[VaultSinkConfig]):
         if reply.status == 400:
             if "check-and-set" not in reply.errors():
                 raise VaultFailure(f"cannot write {path}: Vault answered HTTP 400: {reply.errors()}")
-            self._log.warning("vault secret changed since it was read (check-and-set); reading it again",
-                              expected_version=version)
-            return None
+            self._log.warning("vault secret changed since it was read (check-and-set)", expected_version=version)
+            raise Conflict(f"cannot write {path}: the secret changed since it was read (check-and-set)")
         return int(reply.data.get("version", 0))
 
-    def _delete(self, version: int) -> int | None:
+    def _delete(self, version: int) -> int:
         """Make the path hold nothing: on KV v2 delete exactly ``version`` (history stays), on v1 the path.
 
-        None (v2) when another write came first, so the path still holds something: read again."""
+        ``Conflict`` (v2) when another write came first, so that the path still holds something."""
         if self._kv() == 1:
             path = self._api_path("")
             self._session.request("DELETE", path, what=f"delete {path}")
@@ -332,26 +272,11 @@ class VaultSink(Sink[VaultSinkConfig]):
         path = self._api_path("delete")
         self._session.request("POST", path, what=f"delete version {version} of {self.config.path}",
                               payload={"versions": [version]})
-        if self._read_current().version != version:
-            self._log.warning("vault secret changed while its version was deleted; reading it again",
-                              deleted_version=version)
-            return None
+        if self._load().version != version:
+            self._log.warning("vault secret changed while its version was deleted", deleted_version=version)
+            raise Conflict(f"cannot delete version {version} of {self.config.path}: the secret changed meanwhile")
         return version
 
-    def _attempts(self, what: str) -> Iterator[int]:
-        """Attempt numbers for a check-and-set loop; when the loop used them all up (it neither broke
-        nor returned), the failure is raised here."""
-        tries = self.config.cas_retries + 1 if self._kv() == 2 else 1
-        yield from range(tries)
-        raise VaultFailure(
-            f"cannot {what}: the secret changed between rotator's read and its write {tries} times in a row "
-            f"(check-and-set); another writer keeps updating it, so rotator did not overwrite it (cas_retries "
-            f"{self.config.cas_retries})")
 
-    @contextlib.contextmanager
-    def _failing(self) -> Iterator[None]:
-        """VaultFailure -> this sink's SinkError; ``from None`` so no HTTP exception (or body) rides along."""
-        try:
-            yield
-        except VaultFailure as exc:
-            raise self.error(str(exc), unchanged=not exc.in_doubt) from None
+def _text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value)

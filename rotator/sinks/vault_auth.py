@@ -24,6 +24,7 @@ from pydantic import Field, SecretStr, model_validator
 from rotator import log
 from rotator.config import Model
 from rotator.credentials import Secret
+from rotator.sinks.base import StoreFailure
 
 KUBERNETES_JWT = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 _RENEW_AFTER = 2 / 3  # of the TTL granted, like Vault Agent: early enough to survive a slow request
@@ -63,16 +64,12 @@ class KubernetesAuth(Model):
 VaultAuth = Annotated[TokenAuth | AppRoleAuth | KubernetesAuth, Field(discriminator="method")]
 
 
-class VaultFailure(Exception):
+class VaultFailure(StoreFailure):
     """A Vault operation failed; the text is safe to show (no secret, no token, no request body).
 
     ``in_doubt``: the request may have been applied anyway (no answer in time, a dropped connection, a
     server error); a definite refusal (4xx, connection refused) is not in doubt.
     """
-
-    def __init__(self, message: str, *, in_doubt: bool = False) -> None:
-        super().__init__(message)
-        self.in_doubt = in_doubt
 
 
 @dataclass(frozen=True)

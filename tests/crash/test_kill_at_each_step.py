@@ -138,7 +138,7 @@ class TestKilledMidRotation:
                                 "probes": [{"type": "http", "url": health.url}]}])
         before = app.credentials_file.read_bytes()
         _kill_when(proxy, config, lambda c: c.action == "DeleteAccessKey")
-        assert aws.tags("app")["rotator:phase"] == "rolling-back"
+        assert aws.tags("app")["rotator:rolling-back"] == "yes"
         assert app.credentials_file.read_bytes() == before
 
         result = run("--config", config, "recover")

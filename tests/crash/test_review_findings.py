@@ -151,14 +151,14 @@ class TestStaleOwnership:
         self, aws: Aws, app: AppUser, write_config: ConfigWriter, proxy: AwsProxy, tmp_path: Path, health,
         processes
     ) -> None:
-        """Invariants 1, 2 and 6. A rotation that is merely slow after its push (a consumer's health URL, a
-        rollout, a frozen VM) for longer than propagation_timeout + 15 min since its last heartbeat is
-        presumed dead: B takes it over, rolls it forward and deletes the old key K0. When A's probe then
-        fails, A must not roll back with its receipt (the file would get the deleted K0 back and A would
-        delete KA): it sees that the rotation is no longer its own and leaves everything to B (exit 3).
+        """Invariants 1, 2 and 6. A rotation whose owner is stuck in one call (a frozen VM, a request that
+        never ends) past the time its last heartbeat promised is presumed dead: B takes it over, rolls it
+        forward and deletes the old key K0. When A's probe then fails, A must not roll back with its receipt
+        (the file would get the deleted K0 back and A would delete KA): it sees that the rotation is no
+        longer its own and leaves everything to B (exit 3).
 
         The 20 minutes A spends in its probe are simulated by back-dating `rotator:started` and
-        `rotator:heartbeat`."""
+        `rotator:alive-until`."""
         users = lambda: [{"name": "app", "sinks": [file_sink(app)],  # noqa: E731
                           "probes": [{"type": "http", "url": health.url}]}]
         first = write_config(users(), name="a.yaml", service={"lock_dir": str(tmp_path / "host-a-locks")})
@@ -181,7 +181,7 @@ class TestStaleOwnership:
             pushed, _ = read_profile(app.credentials_file, "app")
             long_ago = (datetime.now(UTC) - timedelta(minutes=20)).strftime("%Y-%m-%dT%H:%M:%SZ")
             aws.iam.tag_user(UserName="app", Tags=[{"Key": "rotator:started", "Value": long_ago},
-                                                   {"Key": "rotator:heartbeat", "Value": long_ago}])
+                                                   {"Key": "rotator:alive-until", "Value": long_ago}])
 
             b = run("--config", second, "rotate", "--user", "app")
             assert b.exit_code == 0, b.stderr

@@ -103,7 +103,7 @@ def load_config(tmp_path: Path) -> rotator_config.Config:
         pytest.skip(f"not in rotator yet: {', '.join(pending)}")
     path = tmp_path / "config.yaml"
     path.write_text(config_text())
-    return rotator_config.load(path)
+    return registry.load_config(path)
 
 
 def grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str | None, str]]:
@@ -314,7 +314,7 @@ class TestConfigMap:
         path.write_text(yaml.safe_dump(data))
 
         assert examples
-        assert len(rotator_config.load(path).users[0].sinks) == len(data["users"][0]["sinks"])
+        assert len(registry.load_config(path).users[0].sinks) == len(data["users"][0]["sinks"])
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) is not installed")

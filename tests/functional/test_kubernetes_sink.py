@@ -152,14 +152,14 @@ class TestRollback:
         assert (team.get("secrets", TEAM, NAME) or {})["data"]["AWS_ACCESS_KEY_ID"] == theirs
 
     def test_a_receipt_from_another_sink_is_refused(self, kube: Cluster) -> None:
-        from rotator.sinks.base import Receipt
+        from rotator.sinks.base import Receipt, Snapshot
 
-        with pytest.raises(SinkError, match="from another sink"):
-            on(kube).rollback(Receipt())
+        with pytest.raises(SinkError, match="issued by another sink"):
+            on(kube).rollback(Receipt("credentials_file:/elsewhere[app] (user app)", "AKIANEW", Snapshot(OLD)))
 
 
 class TestOptimisticConcurrency:
-    def test_a_competing_write_makes_the_put_conflict_and_it_is_retried_keeping_that_write(
+    def test_a_competing_write_makes_the_patch_conflict_and_it_is_retried_keeping_that_write(
         self, team: FakeKubeApi
     ) -> None:
         """409 Conflict on the stale resourceVersion, then read again: the competitor's change survives."""
@@ -168,18 +168,21 @@ class TestOptimisticConcurrency:
 
         make_sink(TEAM).write(new)
 
-        assert [r.status for r in calls(team, "update", "secrets")] == [409, 200]
+        assert [r.status for r in calls(team, "patch", "secrets")] == [409, 200]
         data = team.secret_data(TEAM, NAME)
         assert data is not None and data["OTHER"] == "other" and data["AWS_ACCESS_KEY_ID"] == new.access_key_id
-        put = calls(team, "update", "secrets")[-1]
-        assert put.body["metadata"]["resourceVersion"]  # every PUT is conditional
+        patch = calls(team, "patch", "secrets")[-1]
+        assert patch.content_type == "application/merge-patch+json"
+        assert patch.body["metadata"]["resourceVersion"]  # every write is conditional
+        assert sorted(patch.body) == ["data", "metadata"]  # and names only what rotator owns
+        assert sorted(patch.body["data"]) == ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
 
     def test_conflicts_beyond_conflict_retries_fail_and_leave_the_secret_alone(self, team: FakeKubeApi) -> None:
         team.compete("secrets", TEAM, NAME, times=3)
 
         message = failure(make_sink(TEAM, conflict_retries=2))
 
-        assert "409 Conflict" in message and "3 attempts" in message
+        assert "409 Conflict" in message and "3 times in a row" in message
         assert team.secret_data(TEAM, NAME) == old_data()
 
     def test_a_secret_created_by_someone_else_meanwhile_is_updated_instead(self, kube_api: FakeKubeApi) -> None:
@@ -218,12 +221,12 @@ class TestFailures:
 
         assert f"namespace {missing} does not exist (404)" in message
 
-    def test_forbidden_update_names_the_verb_and_resource(self, team: FakeKubeApi) -> None:
-        team.forbid("update", "secrets", NAME)
+    def test_a_forbidden_patch_names_the_verb_and_resource(self, team: FakeKubeApi) -> None:
+        team.forbid("patch", "secrets", NAME)
 
         message = failure(make_sink(TEAM))
 
-        assert "forbidden (403)" in message and f"update secrets/{NAME} in namespace {TEAM}" in message
+        assert "forbidden (403)" in message and f"patch secrets/{NAME} in namespace {TEAM}" in message
         assert team.secret_data(TEAM, NAME) == old_data()
 
     def test_forbidden_read(self, team: FakeKubeApi) -> None:
@@ -234,7 +237,7 @@ class TestFailures:
     def test_an_error_body_that_echoes_the_request_never_reaches_the_error(self, team: FakeKubeApi) -> None:
         """An API server (or webhook) message may quote the object sent; only code and reason are shown."""
         new = new_credentials()
-        team.fail_next("update", "secrets", 422, "Invalid", f"denied: {new.secret_access_key.reveal()}")
+        team.fail_next("patch", "secrets", 422, "Invalid", f"denied: {new.secret_access_key.reveal()}")
 
         message = failure(make_sink(TEAM), new)
 
@@ -281,10 +284,16 @@ class TestFailures:
 
 class TestLeastPrivilege:
     def scenario(self, api: FakeKubeApi, sink: KubernetesSink) -> None:
-        """Every operation the sink performs: create + roll, rollback (delete), update + roll, rollback."""
-        sink.rollback(sink.write(new_credentials()))
-        api.add_secret(TEAM, NAME, old_data())
-        sink.rollback(sink.write(new_credentials()))
+        """Every operation the sink performs: create + reload, rollback (delete) + reload, update + reload,
+        rollback + reload."""
+        for _ in range(2):
+            sink.prepare_reload()
+            receipt = sink.write(new_credentials())
+            sink.reload()
+            sink.rollback(receipt)
+            sink.reload()
+            if api.get("secrets", TEAM, NAME) is None:
+                api.add_secret(TEAM, NAME, old_data())
 
     def sink(self, api: FakeKubeApi) -> KubernetesSink:
         api.add_namespace(TEAM)
@@ -301,7 +310,7 @@ class TestLeastPrivilege:
         assert kube_api.secret_data(TEAM, NAME) == old_data()
         assert all(r.status != 403 for r in kube_api.requests)
 
-    @pytest.mark.parametrize("drop", [("secrets", "get"), ("secrets", "update"), ("secrets", "delete"),
+    @pytest.mark.parametrize("drop", [("secrets", "get"), ("secrets", "patch"), ("secrets", "delete"),
                                       ("secrets", "create"), ("deployments", "get"), ("deployments", "patch"),
                                       ("statefulsets", "patch")])
     def test_every_declared_verb_is_needed(self, kube_api: FakeKubeApi, drop: tuple[str, str]) -> None:
@@ -317,6 +326,6 @@ class TestLeastPrivilege:
 
     def test_permissions_name_the_namespace_verbs_and_objects(self, kube_api: FakeKubeApi) -> None:
         text = "\n".join(self.sink(kube_api).permissions())
-        assert f"namespace {TEAM}: get, update, delete on secrets {NAME}" in text
+        assert f"namespace {TEAM}: get, patch, delete on secrets {NAME}" in text
         assert "create on secrets" in text
         assert "get, patch on deployments.apps app" in text and "get, patch on statefulsets.apps db" in text

@@ -302,7 +302,7 @@ class TestFailureRollsBack:
         assert result.exit_code == 3, result.stderr
         assert "rollback is incomplete" in result.stderr and "rotator recover --user app" in result.stderr
         assert len(aws.keys("app")) == 2
-        assert aws.tags("app")["rotator:phase"] == "rolling-back"
+        assert aws.tags("app")["rotator:rolling-back"] == "yes"
 
         app.credentials_file.rmdir()
         app.credentials_file.write_bytes(original)

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from rotator import config as config_module
-from rotator.engine import Result
+from rotator import registry
 from rotator.fleet import Fleet
+from rotator.outcome import Result
 from tests.conftest import AppUser, ConfigWriter, assert_invariants, file_sink, read_profile, run
 from tests.fakes.aws_proxy import AwsProxy
 from tests.fakes.moto_aws import Aws
 
 
 def fleet_at(config: Path, moment: datetime) -> tuple[Fleet, object]:
-    fleet = Fleet(config_module.load(config))
+    fleet = Fleet(registry.load_config(config))
     rotation = fleet.rotation(fleet.listed()[0])
     rotation.now = lambda: moment
     return fleet, rotation
@@ -141,7 +141,7 @@ class TestStatus:
     ) -> None:
         """One failing user does not hide the others; the exit code says something failed."""
         config = write_config([{"name": "app", "sinks": [file_sink(app)]},
-                               {"name": "ghost", "sinks": [file_sink(app)]}])
+                               {"name": "ghost", "sinks": [{**file_sink(app), "profile": "ghost"}]}])
 
         result = run("--config", config, "status", "--output", "json")
 

@@ -19,7 +19,8 @@ def sink(**fields: Any) -> dict[str, Any]:
 
 
 def user(name: str = "app", **fields: Any) -> dict[str, Any]:
-    return {"name": name, "sinks": [sink()], **fields}
+    """A user whose credentials file profile is its own name (two users never share a sink target)."""
+    return {"name": name, "sinks": [sink(profile=name or "default")], **fields}
 
 
 def parse(data: dict[str, Any]) -> Config:
@@ -330,7 +331,7 @@ class TestLoad:
                 sinks:
                   - {type: credentials_file, path: /home/app/.aws/credentials, profile: app}
             """)
-        loaded = config.load(path)
+        loaded = registry.load_config(path)
         assert loaded.users[0].name == "app"
         assert loaded.defaults.max_key_age == timedelta(days=30)
         assert loaded.users[0].sinks[0].model_dump()["profile"] == "app"
@@ -338,25 +339,25 @@ class TestLoad:
     def test_a_missing_file_is_a_usage_error_naming_the_file(self, tmp_path: Path) -> None:
         missing = tmp_path / "nope.yaml"
         with pytest.raises(ConfigError) as caught:
-            config.load(missing)
+            registry.load_config(missing)
         assert caught.value.exit_code == 2
         assert str(caught.value).startswith(f"--config: cannot read {missing}")
 
     def test_a_directory_is_a_usage_error(self, tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as caught:
-            config.load(tmp_path)
+            registry.load_config(tmp_path)
         assert caught.value.exit_code == 2
 
     def test_invalid_yaml_is_a_config_error_with_the_line(self, config_file: Any) -> None:
         path = config_file("users:\n  - name: app\n    sinks: [unclosed\n")
         with pytest.raises(ConfigError) as caught:
-            config.load(path)
+            registry.load_config(path)
         assert caught.value.exit_code == 2
         assert str(caught.value).startswith(f"{path}: not valid YAML at line ")
 
     def test_an_empty_file_says_what_the_top_level_needs(self, config_file: Any) -> None:
         with pytest.raises(ConfigError, match="top level must be a mapping with at least 'users'") as caught:
-            config.load(config_file(""))
+            registry.load_config(config_file(""))
         assert caught.value.exit_code == 2
 
     def test_problems_in_a_file_are_reported_with_their_paths(self, config_file: Any) -> None:
@@ -368,10 +369,11 @@ class TestLoad:
                   - {type: credentials_file, path: /b, profle: app}
             """)
         with pytest.raises(ConfigError) as caught:
-            config.load(path)
+            registry.load_config(path)
         assert str(caught.value) == "invalid config:\n  users[0].sinks[1].profle: unknown key"
 
     def test_a_loaded_config_cannot_be_changed(self, config_file: Any) -> None:
-        loaded = config.load(config_file("users: [{name: app, sinks: [{type: credentials_file, path: /a}]}]\n"))
+        text = "users: [{name: app, sinks: [{type: credentials_file, path: /a}]}]\n"
+        loaded = registry.load_config(config_file(text))
         with pytest.raises(ValueError, match="frozen"):
             loaded.defaults.max_key_age = timedelta(0)  # type: ignore[misc]

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from rotator import config, registry
+from rotator import registry
 from rotator.config import AwsConfig, Config, RotationSettings, ServiceConfig, UserConfig
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.yaml"
@@ -52,18 +52,18 @@ def typed_entries(raw: Any, section: str) -> list[dict[str, Any]]:
 
 class TestExampleConfig:
     def test_it_validates(self, example_env: dict[str, str]) -> None:
-        loaded = config.load(EXAMPLE)
+        loaded = registry.load_config(EXAMPLE)
         assert [u.name for u in loaded.users] == ["app", "backup"]
 
     def test_it_uses_environment_interpolation(self, example_env: dict[str, str]) -> None:
         """Operators learn `${VAR}` from the example; it must show it working."""
         assert example_env, "the example should show ${VAR} interpolation somewhere"
-        loaded = config.load(EXAMPLE)
+        loaded = registry.load_config(EXAMPLE)
         paths = [sink.model_dump().get("path", "") for user in loaded.users for sink in user.sinks]
         assert any(value in path for value in example_env.values() for path in paths)
 
     def test_it_shows_a_per_user_override_that_takes_effect(self, example_env: dict[str, str]) -> None:
-        loaded = config.load(EXAMPLE)
+        loaded = registry.load_config(EXAMPLE)
         app = next(u for u in loaded.users if u.name == "app").applied_to(loaded.defaults)
         assert app.max_key_age != loaded.defaults.max_key_age
 

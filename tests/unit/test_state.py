@@ -1,4 +1,5 @@
-"""rotator.state: what recovery decides after an interruption, and whether a recorded rotation is still alive.
+"""What recovery decides after an interruption (rotator.recovery), and whether a recorded rotation is still
+alive (rotator.state).
 
 Each case protects one invariant of DESIGN.md; its docstring says which.
 """
@@ -16,7 +17,8 @@ import pytest
 
 from rotator import state
 from rotator.iam import AccessKey
-from rotator.state import Pending, Phase, Recovery, decide_recovery
+from rotator.recovery import Recovery, RecoveryPlan, decide
+from rotator.state import Pending, Phase
 
 STARTED = datetime(2024, 5, 1, 3, 0, 0, tzinfo=UTC)
 OLD = "AKIAOLDOLDOLDOLDOLD1"
@@ -30,11 +32,18 @@ def key(key_id: str, created: datetime, *, active: bool = True) -> AccessKey:
 
 
 OLD_KEY = key(OLD, STARTED - timedelta(days=100))
+HOUR = timedelta(hours=1)
 
 
-def pending(phase: Phase, new_key: str | None = NEW, *, old_key: str | None = OLD,
-            started: datetime = STARTED, owner: str = "elsewhere/1") -> Pending:
-    return Pending(phase=phase, old_key=old_key, new_key=new_key, started=started, owner=owner)
+def pending(phase: Phase, new_key: str | None = NEW, *, old_key: str | None = OLD, rolling_back: bool = False,
+            started: datetime = STARTED, owner: str = "elsewhere/1", alive_until: datetime | None = None) -> Pending:
+    return Pending(phase=phase, old_key=old_key, new_key=new_key, started=started, owner=owner,
+                   rolling_back=rolling_back, alive_until=alive_until)
+
+
+def decide_recovery(record: Pending, keys: list[AccessKey], retired: dict[str, datetime], holders_of_new: int,
+                    holders_of_old: int) -> RecoveryPlan:
+    return decide(record, keys, retired, holders_of_new, holders_of_old > 0)
 
 
 class TestDecideRecoveryWhileCreating:
@@ -83,6 +92,12 @@ class TestDecideRecoveryWhileCreating:
                                {FOREIGN: STARTED + timedelta(days=1)}, 0, 1)
         assert plan.action is Recovery.FORGET
 
+    def test_an_inactive_key_is_not_a_stray(self) -> None:
+        """Invariant 3: a key CreateAccessKey makes is active; a parked inactive key, however new, is someone's."""
+        parked = key(FOREIGN, STARTED - timedelta(minutes=1), active=False)
+        plan = decide_recovery(pending(Phase.CREATING, None), [parked], {}, 0, 0)
+        assert plan.action is Recovery.FORGET
+
     def test_only_the_strays_are_listed_among_other_keys(self) -> None:
         """Invariant 3: deletion is limited to keys this rotation created."""
         foreign = key(FOREIGN, STARTED - timedelta(days=3))
@@ -103,21 +118,24 @@ class TestDecideRecoveryWhileCreating:
                      id="new key in a sink: roll forward"),
         pytest.param(Phase.RETIRING, [key(OLD, STARTED, active=False), key(NEW, STARTED)], 2, 0,
                      Recovery.ROLL_FORWARD, id="retiring, new key everywhere: roll forward"),
-        pytest.param(Phase.ROLLING_BACK, [OLD_KEY, key(NEW, STARTED)], 1, 1, Recovery.ROLL_BACK,
+        pytest.param("rolling-back", [OLD_KEY, key(NEW, STARTED)], 1, 1, Recovery.ROLL_BACK,
                      id="rolling back, old key still readable: roll back"),
-        pytest.param(Phase.ROLLING_BACK, [OLD_KEY, key(NEW, STARTED)], 1, 0, Recovery.ROLL_FORWARD,
+        pytest.param("rolling-back", [OLD_KEY, key(NEW, STARTED)], 1, 0, Recovery.ROLL_FORWARD,
                      id="rolling back, old key readable nowhere: roll forward"),
-        pytest.param(Phase.ROLLING_BACK, [OLD_KEY, key(NEW, STARTED)], 0, 1, Recovery.ROLL_BACK,
+        pytest.param("rolling-back", [OLD_KEY, key(NEW, STARTED)], 0, 1, Recovery.ROLL_BACK,
                      id="rolling back, new key already out of every sink: roll back"),
+        pytest.param(Phase.CREATED, [OLD_KEY, key(NEW, STARTED)], 0, 1, Recovery.ROLL_BACK,
+                     id="created, in no sink yet: roll back"),
     ],
 )
 class TestDecideRecoveryAfterTheNewKeyWasRecorded:
-    def test_decision(self, phase: Phase, keys: list[AccessKey], holders_of_new: int, holders_of_old: int,
+    def test_decision(self, phase: Phase | str, keys: list[AccessKey], holders_of_new: int, holders_of_old: int,
                       expected: Recovery) -> None:
         """Invariant 1 and 2: roll forward only when a sink can give the new secret back, else roll back;
         a sink holding a key that no longer exists is for an operator (neither direction keeps consumers working).
         """
-        plan = decide_recovery(pending(phase), keys, {}, holders_of_new, holders_of_old)
+        record = pending(Phase.PUSHING, rolling_back=True) if phase == "rolling-back" else pending(Phase(phase))
+        plan = decide_recovery(record, keys, {}, holders_of_new, holders_of_old)
         assert plan.action is expected
         assert plan.reason
         assert plan.strays == ()
@@ -153,50 +171,51 @@ def live_pid() -> Iterator[int]:
 
 class TestPresumedAlive:
     NOW = STARTED + timedelta(minutes=1)
-    TIMEOUT = timedelta(seconds=120)
 
     def test_a_dead_process_on_this_host_is_not_alive(self, dead_pid: int) -> None:
         """Invariant 6: a crashed rotator's record does not block recovery on the same host forever."""
-        record = pending(Phase.PUSHING, owner=f"{socket.gethostname()}/{dead_pid}")
-        assert record.presumed_alive(self.NOW, self.TIMEOUT) is False
+        record = pending(Phase.PUSHING, owner=f"{socket.gethostname()}/{dead_pid}", alive_until=self.NOW + HOUR)
+        assert record.presumed_alive(self.NOW) is False
 
     def test_a_live_process_on_this_host_is_alive(self, live_pid: int) -> None:
         """Invariant 6: a rotation another local rotator is still running is left to it."""
-        record = pending(Phase.PUSHING, owner=f"{socket.gethostname()}/{live_pid}")
-        assert record.presumed_alive(self.NOW, self.TIMEOUT) is True
+        record = pending(Phase.PUSHING, owner=f"{socket.gethostname()}/{live_pid}", alive_until=self.NOW + HOUR)
+        assert record.presumed_alive(self.NOW) is True
 
-    def test_a_live_pid_long_past_the_timeout_is_presumed_reused(self, live_pid: int) -> None:
+    def test_a_live_pid_past_its_promise_is_presumed_reused(self, live_pid: int) -> None:
         """Invariant 2: a pid reused by an unrelated process does not keep a dead rotation alive forever."""
-        record = pending(Phase.PUSHING, owner=f"{socket.gethostname()}/{live_pid}")
-        far_later = STARTED + timedelta(days=1)
-        assert record.presumed_alive(far_later, self.TIMEOUT) is False
+        record = pending(Phase.PUSHING, owner=f"{socket.gethostname()}/{live_pid}", alive_until=self.NOW)
+        assert record.presumed_alive(self.NOW + timedelta(seconds=1)) is False
 
     def test_this_very_process_is_not_running_a_recorded_rotation(self) -> None:
         """Invariant 6: a record left by an earlier life of this pid (or by this run) is not someone else's."""
-        record = pending(Phase.PUSHING, owner=f"{socket.gethostname()}/{os.getpid()}")
-        assert record.presumed_alive(self.NOW, self.TIMEOUT) is False
+        record = pending(Phase.PUSHING, owner=f"{socket.gethostname()}/{os.getpid()}", alive_until=self.NOW + HOUR)
+        assert record.presumed_alive(self.NOW) is False
 
-    def test_another_host_is_presumed_alive_within_timeout_plus_grace(self) -> None:
-        """Invariant 6: a rotator on another host (another pod) cannot be asked; give it its timeout and more."""
+    def test_another_host_is_alive_until_the_time_its_last_heartbeat_promised(self) -> None:
+        """Invariant 6: a rotator on another host (another pod) cannot be asked; its heartbeat speaks for it,
+        however long its rollouts take."""
+        promise = STARTED + timedelta(hours=2)
+        record = pending(Phase.PUSHING, owner="other-pod/7", alive_until=promise)
+        assert record.presumed_alive(promise - timedelta(seconds=1)) is True
+        assert record.presumed_alive(promise + timedelta(seconds=1)) is False
+
+    def test_a_record_without_a_promise_gets_the_window_from_its_start(self) -> None:
+        """Invariant 2: a record from an older rotator (no alive-until) is still recovered eventually."""
         record = pending(Phase.PUSHING, owner="other-pod/7")
-        just_before = STARTED + self.TIMEOUT + state.LIVE_GRACE - timedelta(seconds=1)
-        assert record.presumed_alive(just_before, self.TIMEOUT) is True
+        assert record.presumed_alive(STARTED + state.ALIVE_FOR - timedelta(seconds=1)) is True
+        assert record.presumed_alive(STARTED + state.ALIVE_FOR + timedelta(seconds=1)) is False
 
-    def test_another_host_is_presumed_dead_after_timeout_plus_grace(self) -> None:
-        """Invariant 2: a rotation abandoned by a vanished pod is eventually recovered, not kept forever."""
-        record = pending(Phase.PUSHING, owner="other-pod/7")
-        just_after = STARTED + self.TIMEOUT + state.LIVE_GRACE + timedelta(seconds=1)
-        assert record.presumed_alive(just_after, self.TIMEOUT) is False
-
-    def test_the_grace_is_fifteen_minutes(self) -> None:
+    def test_the_window_is_fifteen_minutes_and_waits_beat_well_within_it(self) -> None:
         """Invariant 6: the documented margin for another host's rotation."""
-        assert timedelta(minutes=15) == state.LIVE_GRACE
+        assert timedelta(minutes=15) == state.ALIVE_FOR
+        assert state.ALIVE_FOR.total_seconds() > state.BEAT_EVERY * 10
 
     def test_an_unreadable_owner_is_judged_by_time(self) -> None:
         """Invariant 2: a damaged owner tag does not make a rotation look alive forever."""
-        record = pending(Phase.PUSHING, owner="unknown/0")
-        assert record.presumed_alive(STARTED + timedelta(hours=1), self.TIMEOUT) is False
-        assert record.presumed_alive(STARTED + timedelta(minutes=5), self.TIMEOUT) is True
+        record = pending(Phase.PUSHING, owner="unknown/0", alive_until=STARTED + timedelta(minutes=15))
+        assert record.presumed_alive(STARTED + timedelta(hours=1)) is False
+        assert record.presumed_alive(STARTED + timedelta(minutes=5)) is True
 
 
 class TestTimeFormat:
