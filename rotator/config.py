@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -62,6 +63,20 @@ def format_duration(value: timedelta) -> str:
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+MAX_REQUEST_TIMEOUT = timedelta(minutes=5)
+"""The longest one request may take. A rotation's heartbeat is refreshed between requests and its
+liveness window (``state.ALIVE_FOR``) must outlast the longest single one."""
+
+
+def _request_timeout(value: timedelta) -> timedelta:
+    if not timedelta(0) < value <= MAX_REQUEST_TIMEOUT:
+        raise ValueError(f"must be longer than 0s and at most {format_duration(MAX_REQUEST_TIMEOUT)}")
+    return value
+
+
+RequestTimeout = Annotated[timedelta, BeforeValidator(parse_duration), AfterValidator(_request_timeout)]
+"""How long one request (to Vault, an API server, a health URL) may take."""
 
 
 class Model(BaseModel):

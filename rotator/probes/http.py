@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from rotator.config import Duration, ProbeConfig
+from rotator.config import ProbeConfig, RequestTimeout
 from rotator.credentials import Credentials
 from rotator.probes.base import Probe, ProbeContext
 
@@ -19,7 +19,7 @@ class HttpProbeConfig(ProbeConfig):
     url: str
     """The consumer's health endpoint; it should exercise AWS with the key it loaded."""
     expect_status: list[int] = Field(default_factory=lambda: [200])
-    timeout: Duration = timedelta(seconds=10)
+    timeout: RequestTimeout = timedelta(seconds=10)
 
     @field_validator("url")
     @classmethod

@@ -31,7 +31,7 @@ from kubernetes import client as k8s
 from pydantic import Field, field_validator, model_validator
 
 from rotator import kube, log
-from rotator.config import Duration, Model, SinkConfig
+from rotator.config import Duration, Model, RequestTimeout, SinkConfig
 from rotator.credentials import Credentials, Secret
 from rotator.errors import DependencyError
 from rotator.sinks.base import Sink, Snapshot
@@ -90,7 +90,7 @@ class KubernetesSinkConfig(SinkConfig):
     """Leave workloads annotated for Stakater Reloader to Reloader (rotator still waits for them)."""
     conflict_retries: int = Field(default=5, ge=0, le=100)
     """Times a write is read again and retried when another writer changed the Secret (409)."""
-    request_timeout: Duration = timedelta(seconds=30)
+    request_timeout: RequestTimeout = timedelta(seconds=30)
     """How long one API request may take."""
 
     @field_validator("namespace")
@@ -116,7 +116,7 @@ class KubernetesSinkConfig(SinkConfig):
             raise ValueError(f"listed twice: {', '.join(duplicates)}")
         return refs
 
-    @field_validator("rollout_timeout", "request_timeout")
+    @field_validator("rollout_timeout")
     @classmethod
     def _positive(cls, value: timedelta) -> timedelta:
         if value <= timedelta(0):

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from rotator import log
-from rotator.config import Duration, Model, SinkConfig
+from rotator.config import Model, RequestTimeout, SinkConfig
 from rotator.credentials import Credentials, Secret
 from rotator.sinks.base import Conflict, Sink, Snapshot
 from rotator.sinks.vault_auth import Connection, TokenAuth, VaultAuth, VaultFailure, VaultSession
@@ -65,7 +65,7 @@ class VaultSinkConfig(SinkConfig):
     """CA certificate file (or directory) to verify Vault's TLS certificate; unset: VAULT_CACERT."""
     skip_verify: bool = Field(default_factory=lambda: _env("VAULT_SKIP_VERIFY") or False, validate_default=True)
     """Do not verify Vault's TLS certificate (never in production); unset: VAULT_SKIP_VERIFY."""
-    timeout: Duration = timedelta(seconds=30)
+    timeout: RequestTimeout = timedelta(seconds=30)
     """How long to wait for each answer from Vault."""
     cas_retries: int = Field(default=3, ge=0, le=20)
     """KV v2: how often to read again and retry when another writer changed the secret in between."""

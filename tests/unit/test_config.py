@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -377,3 +377,33 @@ class TestLoad:
         loaded = registry.load_config(config_file(text))
         with pytest.raises(ValueError, match="frozen"):
             loaded.defaults.max_key_age = timedelta(0)  # type: ignore[misc]
+
+
+class TestRequestTimeouts:
+    """A rotation's heartbeat is refreshed between requests, so one request must end well within the time
+    another rotator waits for a heartbeat (state.ALIVE_FOR): every request timeout is at most 5 minutes."""
+
+    ENTRIES: ClassVar[dict[str, tuple[str, dict[str, str], str]]] = {
+        "vault sink timeout": ("sinks", {"type": "vault", "url": "http://127.0.0.1:8200", "path": "a/b"}, "timeout"),
+        "kubernetes sink request_timeout": ("sinks", {"type": "kubernetes", "namespace": "ns", "name": "s"},
+                                            "request_timeout"),
+        "http probe timeout": ("probes", {"type": "http", "url": "http://127.0.0.1/healthz"}, "timeout"),
+    }
+
+    @pytest.mark.parametrize("where", list(ENTRIES))
+    @pytest.mark.parametrize("value", ["0s", "6m", "1d"])
+    def test_outside_0s_to_5m_is_refused_naming_the_field(self, where: str, value: str) -> None:
+        section, entry, field = self.ENTRIES[where]
+        data = {"users": [{"name": "app", "sinks": [sink(profile="app")], section: [{**entry, field: value}]}]}
+        if section == "sinks":
+            data["users"][0]["sinks"] = [{**entry, field: value}]
+        [line] = problems(data)
+        assert line == f"users[0].{section}[0].{field}: must be longer than 0s and at most 5m"
+
+    @pytest.mark.parametrize("where", list(ENTRIES))
+    def test_five_minutes_is_accepted(self, where: str) -> None:
+        section, entry, field = self.ENTRIES[where]
+        data = {"users": [{"name": "app", "sinks": [sink(profile="app")], section: [{**entry, field: "5m"}]}]}
+        if section == "sinks":
+            data["users"][0]["sinks"] = [{**entry, field: "5m"}]
+        assert parse(data).users[0]

@@ -154,3 +154,64 @@ class TestSinkContract:
         assert sink.name in message
         assert f"user {USER}" in message
         assert credentials.secret_access_key.reveal() not in "".join(traceback.format_exception(raised.value))
+
+    def test_a_rollback_never_puts_the_old_key_back_over_a_key_someone_else_wrote_since(
+        self, type_name: str, request: pytest.FixtureRequest
+    ) -> None:
+        """Invariant 1: the key another writer put there may be in use; the rollback refuses and says so."""
+        sink = build(WORKING, type_name, request)
+        sink.write(new_credentials())
+        receipt = sink.write(new_credentials())
+        theirs = new_credentials()
+        sink.write(theirs)
+        with pytest.raises(SinkError, match="written by someone else"):
+            sink.rollback(receipt)
+        assert sink.read() == theirs
+
+    def test_a_rollback_done_twice_changes_nothing_the_second_time(
+        self, type_name: str, request: pytest.FixtureRequest
+    ) -> None:
+        """Recovery may repeat an undo that answered late: putting back what is back already is a no-op."""
+        sink = build(WORKING, type_name, request)
+        old = new_credentials()
+        sink.write(old)
+        receipt = sink.write(new_credentials())
+        sink.rollback(receipt)
+        sink.rollback(receipt)
+        assert sink.read() == old
+
+    def test_a_receipt_issued_by_another_sink_is_refused(self, type_name: str, request: pytest.FixtureRequest) -> None:
+        other = CredentialsFileSink(CredentialsFileSinkConfig(
+            type="credentials_file", path=str(request.getfixturevalue("tmp_path") / "other"), profile="x"), USER)
+        receipt = other.write(new_credentials())
+        with pytest.raises(SinkError, match="issued by another sink"):
+            build(WORKING, type_name, request).rollback(receipt)
+
+    def test_a_write_replacing_a_key_writes_only_over_that_key(
+        self, type_name: str, request: pytest.FixtureRequest
+    ) -> None:
+        """Recovery puts the old key back only where it finds the new one."""
+        sink = build(WORKING, type_name, request)
+        held, old = new_credentials(), new_credentials()
+        sink.write(held)
+        with pytest.raises(SinkError, match=f"holds key {held.access_key_id}, not AKIAELSEWHERE"):
+            sink.write(old, replacing="AKIAELSEWHERE")
+        assert sink.read() == held
+        sink.write(old, replacing=held.access_key_id)
+        assert sink.read() == old
+
+    def test_names_the_places_it_writes(self, type_name: str, request: pytest.FixtureRequest) -> None:
+        """Two users may never share a slot of a target; each slot is named for the error that says so."""
+        target = build(WORKING, type_name, request).target
+        assert target and all(isinstance(slot, str) and slot.strip() for slot in target)
+
+    def test_reloading_its_consumers_works_before_and_after_a_write(
+        self, type_name: str, request: pytest.FixtureRequest
+    ) -> None:
+        sink = build(WORKING, type_name, request)
+        sink.prepare_reload()
+        receipt = sink.write(new_credentials())
+        sink.reload()
+        sink.rollback(receipt)
+        sink.reload()
+        assert sink.read() is None
