@@ -3,7 +3,8 @@
 moto answers at once and never flaps; real IAM keys take seconds to work and STS may say yes, then no.
 The proxy forwards every request to moto and, by rules the test sets, rejects, throttles or holds
 requests. Requests are IAM/STS query-protocol POSTs, so the action and the signing key are visible:
-``Action=...`` in the form body and ``Credential=AKIA.../`` in the Authorization header.
+``Action=...`` in the form body and ``Credential=AKIA.../`` in the Authorization header. Each ``Call``
+carries ``at``, the ``time.monotonic()`` it arrived (for ordering against the other fakes' timestamps).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class Call:
     access_key: str | None
     params: dict[str, str]
     body: str
+    at: float = field(default_factory=time.monotonic, compare=False)
+    """``time.monotonic()`` when the proxy received the call (before any hold)."""
 
 
 @dataclass

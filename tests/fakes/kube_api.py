@@ -69,8 +69,13 @@ Python API (for tests; these calls bypass authentication and RBAC, and are safe 
     api.lease(namespace, name) -> dict | None
     api.restarted_at(kind, namespace, name) -> str | None   # the pod template's restartedAt annotation
     api.requests: list[Request]          # every API request: verb, resource, namespace, name, method,
-                                         # path, query, content_type, body (parsed JSON), status (answered)
+                                         # path, query, content_type, body (parsed JSON), status (answered),
+                                         # at (time.monotonic() when received), answered_at (when its answer
+                                         # was decided, i.e. a write applied; 0.0 if never answered)
     api.requests_for(verb=None, resource=None, name=None) -> list[Request]
+    api.settled: list[Settled]           # every status the simulated controller reported: resource (plural),
+                                         # namespace, name, generation, stuck (True: a never-ready rollout),
+                                         # at (time.monotonic())
 
     # behaviours
     api.rollout_delay = 0.2              # seconds until the simulated controller reports a rollout
@@ -78,6 +83,9 @@ Python API (for tests; these calls bypass authentication and RBAC, and are safe 
     api.set_never_ready(kind, namespace, name, True, deadline_exceeded=False)
                                          # its next rollouts get stuck; deadline_exceeded adds the
                                          # Deployment condition Progressing=False/ProgressDeadlineExceeded
+    api.become_ready(kind, namespace, name)
+                                         # clear never-ready; a rollout stuck now is reported complete at once
+                                         # (its pods finally became ready), later rollouts complete as usual
     api.restart(kind, namespace, name)   # roll it as `kubectl rollout restart` would (e.g. as Reloader)
     api.forbid(verb, resource, name=None, namespace=None)   # 403 for that verb ("*" = any) on that
                                          # resource (e.g. "secrets", "deployments", "leases") [/name]
@@ -100,6 +108,16 @@ Python API (for tests; these calls bypass authentication and RBAC, and are safe 
     api.before.append(fn)                # fn(request) before each authorized request is served (another
                                          # actor acting at that exact moment, e.g. creating the object
                                          # a client is about to create); runs without the lock held
+    hold = api.hold(match, timeout=120)  # like the AWS proxy's hold: every authorized request for which
+                                         # match(request) is true (verb, resource, name, body are parsed)
+                                         # waits, after the `before` hooks, until hold.release is set (or
+                                         # timeout passes), then is served -- even if its client gave up
+                                         # meanwhile, as an API server applies a request it received.
+                                         # hold.arrived: set when the first one came; hold.held: the requests
+                                         # held so far; hold.wait_answered(timeout) -> bool: every held
+                                         # request was served (after release)
+    api.drop_all()                       # release every hold without serving what it held (the sender was
+                                         # killed): the connection is closed, nothing is applied; stop holding
 """
 
 from __future__ import annotations
@@ -178,6 +196,45 @@ class Request:
     content_type: str | None
     body: Any
     status: int = 0
+    at: float = field(default_factory=time.monotonic)
+    """``time.monotonic()`` when the request was received."""
+    answered_at: float = 0.0
+    """``time.monotonic()`` when its answer was decided (a write: when it was applied); 0.0: never answered."""
+
+
+@dataclass(frozen=True)
+class Settled:
+    """A status the simulated workload controller reported."""
+
+    resource: str
+    namespace: str
+    name: str
+    generation: int
+    stuck: bool
+    """True: the rollout of a never-ready workload got stuck; False: it is complete and ready."""
+    at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class KubeHold:
+    """Holds matching requests until released (see ``FakeKubeApi.hold``)."""
+
+    match: Callable[[Request], bool]
+    timeout: float = 120.0
+    arrived: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+    dropped: bool = False
+    """Released by ``drop_all``: the held requests are never served (their sender was killed)."""
+    held: list[Request] = field(default_factory=list)
+
+    def wait_answered(self, timeout: float = 30.0) -> bool:
+        """After ``release``: whether every held request was served within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(r.answered_at for r in list(self.held)):
+                return True
+            time.sleep(0.01)
+        return False
 
 
 class ApiError(Exception):
@@ -264,6 +321,8 @@ class FakeKubeApi:
         self._competitors: dict[tuple[str, str, str], _Competitor] = {}
         self._injected: list[tuple[list[int], str, str, ApiError]] = []
         self.requests: list[Request] = []
+        self.settled: list[Settled] = []
+        self.holds: list[KubeHold] = []
         settings = _Settings()
         self.rollout_delay = settings.rollout_delay
         self.response_delay = settings.response_delay
@@ -276,11 +335,24 @@ class FakeKubeApi:
             self._create(TYPES["namespaces"], "", {"metadata": {"name": namespace}})
 
     def reset(self) -> None:
+        self.drop_all()
         with self._lock:
             self._epoch += 1  # rollout timers and held-back requests of the previous test become no-ops
             self._reset_state()
 
+    def hold(self, match: Callable[[Request], bool], timeout: float = 120.0) -> KubeHold:
+        hold = KubeHold(match, timeout)
+        self.holds.append(hold)
+        return hold
+
+    def drop_all(self) -> None:
+        for hold in list(self.holds):
+            hold.dropped = True
+            hold.release.set()
+        self.holds.clear()
+
     def stop(self) -> None:
+        self.drop_all()
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -393,6 +465,19 @@ class FakeKubeApi:
     def delete(self, resource: str, namespace: str, name: str) -> None:
         with self._lock:
             self._delete(resource_type(resource), namespace, name, None)
+
+    def become_ready(self, kind: str, namespace: str, name: str) -> None:
+        rtype = resource_type(kind)
+        key = (rtype.plural, namespace, name)
+        with self._lock:
+            self._never_ready.pop(key, None)
+            obj = self._objects.get(key)
+            if obj is None:
+                return
+            generation = obj["metadata"].get("generation")
+            if (obj.get("status") or {}).get("observedGeneration") == generation:  # settled (stuck) already
+                self._settle(key, generation, self._epoch, stuck=False)
+            # else its rollout is still starting: the controller completes it, never-ready no longer applies
 
     def restart(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
         stamp = datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
@@ -669,6 +754,7 @@ class FakeKubeApi:
                            "numberAvailable": desired - 1, "numberUnavailable": 1}
         obj["status"] = status
         self._bump(obj)
+        self.settled.append(Settled(key[0], key[1], key[2], generation, stuck))
 
     # -- HTTP ---------------------------------------------------------------------------------------------
 
@@ -723,6 +809,7 @@ class FakeKubeApi:
             self._inject(request, rtype)
             for hook in list(self.before):
                 hook(request)
+            self._hold(request, epoch)
             with self._lock:
                 code, answer = self._dispatch(request, rtype, namespace or "", name, sub)
             if request.verb in ("create", "update", "patch", "delete"):
@@ -731,6 +818,15 @@ class FakeKubeApi:
             return self._answer(request, code, answer)
         except ApiError as exc:
             return self._answer(request, exc.code, exc.status())
+
+    def _hold(self, request: Request, epoch: int) -> None:
+        for hold in list(self.holds):
+            if hold.match(request):
+                hold.held.append(request)
+                hold.arrived.set()
+                hold.release.wait(timeout=hold.timeout)
+                if hold.dropped or epoch != self._epoch:
+                    raise ConnectionAbortedError("a held request was dropped")
 
     def _inject(self, request: Request, rtype: ResourceType) -> None:
         with self._lock:
@@ -741,6 +837,7 @@ class FakeKubeApi:
 
     def _answer(self, request: Request, code: int, body: Any) -> tuple[int, Any]:
         request.status = code
+        request.answered_at = time.monotonic()
         return code, body
 
     def _dispatch(self, request: Request, rtype: ResourceType, namespace: str, name: str | None,

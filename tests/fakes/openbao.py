@@ -6,7 +6,8 @@
   Kubernetes auth) and to look at what the sink left behind, independently of the sink's code.
 - ``VaultProxy``: an HTTP proxy in front of Vault that runs a hook before forwarding a request, to act at
   an exact moment (another writer's write between the sink's read and its write) or to answer instead
-  (a 5xx, a held request that times out).
+  (a 5xx, a held request that times out). ``hold(match, limit=None)`` holds matching requests until the
+  test releases them, then forwards them even if their client gave up meanwhile (a write that lands late).
 - ``TokenReviewServer``: the Kubernetes API's TokenReview endpoint, which Vault's Kubernetes auth asks
   whether a service-account JWT is valid.
 """
@@ -29,7 +30,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -276,6 +277,10 @@ class ProxiedRequest:
     path: str
     """Without the query string, e.g. ``/v1/secret/data/app``."""
     body: bytes
+    at: float = field(default_factory=time.monotonic)
+    """``time.monotonic()`` when the proxy received it."""
+    status: int = 0
+    """Vault's answer once forwarded (or a hook's); 0: not answered (yet)."""
 
     def json(self) -> Any:
         return json.loads(self.body) if self.body else None
@@ -292,8 +297,41 @@ class Answer:
 Hook = Callable[[ProxiedRequest], Answer | None]
 
 
+@dataclass
+class VaultHold:
+    """Holds requests that match until released (see ``VaultProxy.hold``)."""
+
+    match: Callable[[ProxiedRequest], bool]
+    limit: int | None = None
+    """Hold at most this many requests (None: every match); later matches pass to the next hold, or on."""
+    timeout: float = 120.0
+    arrived: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+    dropped: bool = False
+    """Released by ``drop_all``: the held requests never reach Vault."""
+    held: list[ProxiedRequest] = field(default_factory=list)
+
+    def wait_forwarded(self, timeout: float = 30.0) -> bool:
+        """After ``release``: whether every held request got Vault's answer within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.held and all(r.status for r in list(self.held)):
+                return True
+            time.sleep(0.01)
+        return False
+
+
 class VaultProxy:
-    """Forwards every request to Vault; each hook runs first and may act, or answer instead."""
+    """Forwards every request to Vault; each hook runs first and may act, or answer instead.
+
+    ``hold(match, limit=None) -> VaultHold``: a request that matches (and that the hold still has room for)
+    waits before the hooks until ``hold.release`` is set (or ``timeout`` passes), then goes on as usual and
+    reaches Vault even when its client has given up (its answer is then lost). Holds are tried in the order
+    they were made, so two holds with ``limit=1`` catch the first and the second matching request, to be
+    released one after the other. ``hold.arrived``, ``hold.held`` and ``hold.wait_forwarded(timeout)`` tell
+    what happened; ``drop_all()`` releases every hold without forwarding. ``requests`` lists every request,
+    each with ``at`` (monotonic time received) and ``status`` (the answer, once there is one).
+    """
 
     def __init__(self, upstream: str, *, cafile: str | None = None) -> None:
         parsed = urllib.parse.urlsplit(upstream)
@@ -301,6 +339,8 @@ class VaultProxy:
         self.context = ssl.create_default_context(cafile=cafile) if parsed.scheme == "https" else None
         self.hooks: list[Hook] = []
         self.requests: list[ProxiedRequest] = []
+        self.holds: list[VaultHold] = []
+        self._holds_lock = threading.Lock()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -319,13 +359,41 @@ class VaultProxy:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
+    def hold(self, match: Callable[[ProxiedRequest], bool], *, limit: int | None = None,
+             timeout: float = 120.0) -> VaultHold:
+        hold = VaultHold(match, limit, timeout)
+        self.holds.append(hold)
+        return hold
+
+    def drop_all(self) -> None:
+        for hold in list(self.holds):
+            hold.dropped = True
+            hold.release.set()
+        self.holds.clear()
+
+    def _held_by(self, request: ProxiedRequest) -> VaultHold | None:
+        with self._holds_lock:
+            for hold in list(self.holds):
+                if (hold.limit is None or len(hold.held) < hold.limit) and hold.match(request):
+                    hold.held.append(request)
+                    hold.arrived.set()
+                    return hold
+        return None
+
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
         body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
         request = ProxiedRequest(handler.command, handler.path.split("?")[0], body)
         self.requests.append(request)
+        hold = self._held_by(request)
+        if hold is not None:
+            hold.release.wait(timeout=hold.timeout)
+            if hold.dropped:
+                handler.close_connection = True
+                return
         for hook in list(self.hooks):
             answer = hook(request)
             if answer is not None:
+                request.status = answer.status
                 self._send(handler, answer.status, json.dumps(answer.body).encode(), "application/json")
                 return
         host, port = self.upstream.hostname or "127.0.0.1", self.upstream.port
@@ -335,20 +403,26 @@ class VaultProxy:
         try:
             connection.request(handler.command, handler.path, body=body or None, headers=headers)
             response = connection.getresponse()
-            self._send(handler, response.status, response.read(), response.getheader("Content-Type"))
+            payload = response.read()
+            request.status = response.status
+            self._send(handler, response.status, payload, response.getheader("Content-Type"))
         finally:
             connection.close()
 
     @staticmethod
     def _send(handler: BaseHTTPRequestHandler, status: int, body: bytes, content_type: str | None) -> None:
-        handler.send_response(status)
-        if content_type:
-            handler.send_header("Content-Type", content_type)
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        handler.wfile.write(body)
+        try:
+            handler.send_response(status)
+            if content_type:
+                handler.send_header("Content-Type", content_type)
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            handler.wfile.write(body)
+        except OSError:
+            handler.close_connection = True  # the client gave up (its timeout) before the answer
 
     def stop(self) -> None:
+        self.drop_all()
         self.httpd.shutdown()
         self.httpd.server_close()
 
