@@ -234,7 +234,8 @@ def _status_lines(rows: Iterable[UserStatus]) -> list[str]:
             lines.append(f"{name:<20} {short_key_id(key.key_id):<12} {status_text:<9} {key.age_days:>4}d  {note}")
         if row.interrupted:
             pending = row.interrupted
-            lines.append(f"{'':<20} interrupted rotation: phase {pending.phase.value}, new key "
+            phase = pending.phase.value + (", rolling back" if pending.rolling_back else "")
+            lines.append(f"{'':<20} interrupted rotation: phase {phase}, new key "
                          f"{short_key_id(pending.new_key)}, started {pending.started:%Y-%m-%d %H:%M} by "
                          f"{pending.owner} (rotator recover --user {row.user})")
         lines.extend(f"{'':<20} note: {note}" for note in row.notes)

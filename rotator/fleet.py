@@ -190,10 +190,12 @@ class UserStatus:
             "due_at": state.format_time(self.due_at) if self.due_at else None,
             "interrupted": None if pending is None else {
                 "phase": pending.phase.value,
+                "rolling_back": pending.rolling_back,
                 "old_key": pending.old_key,
                 "new_key": pending.new_key,
                 "started": state.format_time(pending.started),
                 "owner": pending.owner,
+                "alive_until": state.format_time(pending.alive_until) if pending.alive_until else None,
             },
             "notes": self.notes,
         }
