@@ -10,73 +10,57 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from datetime import timedelta
-from pathlib import Path
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     InstanceOf,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from rotator.config_fields import (
+    MAX_REQUEST_TIMEOUT,
+    ONE_DAY,
+    Duration,
+    HttpUrl,
+    ListenAddress,
+    LocalPath,
+    RequestTimeout,
+    account_name,
+    aws_region,
+    dns_label,
+    format_duration,
+    http_url,
+    iam_path,
+    iam_role_arn,
+    iam_tags,
+    iam_user_name,
+    lease_name,
+    parse_duration,
+    role_session_name,
+    sts_external_id,
+    within,
+)
+from rotator.config_yaml import field_path, interpolate, read_file
 from rotator.errors import ConfigError
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_ENV_REF = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_IAM_USER_NAME = re.compile(r"^[\w+=,.@-]{1,64}$")
+__all__ = [  # the field types live in config_fields and the file reading in config_yaml; used from here
+    "MAX_REQUEST_TIMEOUT", "Duration", "RequestTimeout", "format_duration", "parse_duration", "read_file",
+]
 
+_ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_IAM", "AWS_ENDPOINT_URL_STS")
 
-def parse_duration(value: object) -> timedelta:
-    """``90d``, ``24h``, ``1h30m``, ``0s`` (or a number of seconds) -> timedelta."""
-    if isinstance(value, timedelta):
-        return value
-    try:
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return timedelta(seconds=value)
-        if isinstance(value, str):
-            text = value.strip().lower()
-            if text and _DURATION_PART.sub("", text) == "":
-                return timedelta(
-                    seconds=sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
-                )
-    except OverflowError:
-        raise ValueError(f"duration too long: {value!r}") from None
-    raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 15m, 24h, 90d, 1h30m)")
-
-
-def format_duration(value: timedelta) -> str:
-    seconds = int(value.total_seconds())
-    for unit in ("d", "h", "m"):
-        size = _UNIT_SECONDS[unit]
-        if seconds and seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
-Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
-
-MAX_REQUEST_TIMEOUT = timedelta(minutes=5)
-"""The longest one request may take. A rotation's heartbeat is refreshed between requests and its
-liveness window (``state.ALIVE_FOR``) must outlast the longest single one."""
-
-
-def _request_timeout(value: timedelta) -> timedelta:
-    if not timedelta(0) < value <= MAX_REQUEST_TIMEOUT:
-        raise ValueError(f"must be longer than 0s and at most {format_duration(MAX_REQUEST_TIMEOUT)}")
-    return value
-
-
-RequestTimeout = Annotated[timedelta, BeforeValidator(parse_duration), AfterValidator(_request_timeout)]
-"""How long one request (to Vault, an API server, a health URL) may take."""
+KeyAge = Duration  # at most 10 years, as every duration: a retire-after date must stay a valid date
+PropagationTimeout = Annotated[Duration, within(ONE_DAY, positive=True)]
+PropagationInterval = Annotated[Duration, within(timedelta(hours=1))]
+DEFAULT_JITTER = timedelta(minutes=5)
 
 
 class Model(BaseModel):
@@ -84,24 +68,33 @@ class Model(BaseModel):
 
 
 class AwsConfig(Model):
-    region: str | None = None
+    region: Annotated[str, AfterValidator(aws_region)] | None = None
     """AWS region for IAM/STS calls; the standard chain (AWS_REGION, profile) applies when unset."""
-    endpoint_url: str | None = None
+    endpoint_url: HttpUrl | None = None
     """Send IAM and STS calls here (a proxy, LocalStack, moto). AWS_ENDPOINT_URL also works."""
+
+    def endpoint_problem(self) -> str | None:
+        """botocore reads AWS_ENDPOINT_URL itself, late; a malformed one is refused at load, before any call."""
+        for name in () if self.endpoint_url else _ENDPOINT_VARIABLES:
+            try:
+                http_url(os.environ.get(name) or "http://unset")
+            except ValueError as exc:
+                return f"aws.endpoint_url: not set, and {name} in the environment: {exc}"
+        return None
 
 
 class RotationSettings(Model):
     """The knobs of one rotation; ``defaults`` sets them for all users, a user may override any."""
 
-    max_key_age: Duration = timedelta(days=90)
-    """A user is due when its active key is older than this."""
-    delete_after: Duration = timedelta(0)
-    """Grace between deactivating the old key and deleting it (0s deletes at once)."""
-    propagation_timeout: Duration = timedelta(seconds=120)
-    """How long to wait for a new key to be accepted by STS before giving up (and rolling back)."""
+    max_key_age: KeyAge = timedelta(days=90)
+    """A user is due when its active key is older than this (at most 10 years)."""
+    delete_after: KeyAge = timedelta(0)
+    """Grace between deactivating the old key and deleting it (0s deletes at once; at most 10 years)."""
+    propagation_timeout: PropagationTimeout = timedelta(seconds=120)
+    """How long to wait for a new key to be accepted by STS before giving up (and rolling back); at most 1d."""
     propagation_successes: int = Field(default=3, ge=1, le=50)
     """Consecutive STS successes required before a new key counts as usable (early answers flap)."""
-    propagation_interval: Duration = timedelta(seconds=2)
+    propagation_interval: PropagationInterval = timedelta(seconds=2)
     """Pause between STS checks; after a failure it grows (x2) up to 8 times this."""
 
 
@@ -126,11 +119,11 @@ class ProbeConfig(Model):
 class RotationOverrides(Model):
     """Per-user (or per-selection) overrides of ``defaults``; unset fields fall back to them."""
 
-    max_key_age: Duration | None = None
-    delete_after: Duration | None = None
-    propagation_timeout: Duration | None = None
+    max_key_age: KeyAge | None = None
+    delete_after: KeyAge | None = None
+    propagation_timeout: PropagationTimeout | None = None
     propagation_successes: int | None = Field(default=None, ge=1, le=50)
-    propagation_interval: Duration | None = None
+    propagation_interval: PropagationInterval | None = None
 
     def applied_to(self, defaults: RotationSettings) -> RotationSettings:
         overrides = {
@@ -150,51 +143,52 @@ class Delivery(RotationOverrides):
 
 
 class UserConfig(Delivery):
-    name: str
-
-    @field_validator("name")
-    @classmethod
-    def _iam_user_name(cls, value: str) -> str:
-        if not _IAM_USER_NAME.match(value):
-            raise ValueError("not a valid IAM user name (1-64 of letters, digits and +=,.@_-)")
-        return value
+    name: Annotated[str, AfterValidator(iam_user_name)]
 
 
 class SelectorConfig(Delivery):
     """Selects IAM users by path and tags; its sinks and probes may use ``{user}`` for the user's name."""
 
-    path_prefix: str = "/"
+    path_prefix: Annotated[str, AfterValidator(iam_path)] = "/"
     """IAM path the users live under, e.g. ``/ci/`` (``/`` is every user)."""
-    tags: dict[str, str] = Field(default_factory=dict)
+    tags: Annotated[dict[str, str], AfterValidator(iam_tags)] = Field(default_factory=dict)
     """Tags a user must carry, all of them, e.g. ``{rotator/enabled: "true"}``."""
-    exclude: list[str] = Field(default_factory=list)
+    exclude: list[Annotated[str, AfterValidator(iam_user_name)]] = Field(default_factory=list)
     """User names never selected."""
-
-    @field_validator("path_prefix")
-    @classmethod
-    def _iam_path(cls, value: str) -> str:
-        if not (value.startswith("/") and value.endswith("/")):
-            raise ValueError("an IAM path starts and ends with '/', e.g. /ci/")
-        return value
 
 
 class AccountConfig(Model):
     """Another AWS account, reached by assuming a role there."""
 
-    name: str = Field(min_length=1)
-    role_arn: str = Field(pattern=r"^arn:aws[a-z-]*:iam::\d{12}:role/.+$")
-    external_id: str | None = None
-    session_name: str = "rotator"
+    name: Annotated[str, AfterValidator(account_name)]
+    """How users and selections refer to it (``account: prod``) and how `--user prod/NAME` names a user."""
+    role_arn: Annotated[str, AfterValidator(iam_role_arn)]
+    external_id: Annotated[str, AfterValidator(sts_external_id)] | None = None
+    session_name: Annotated[str, AfterValidator(role_session_name)] = "rotator"
+
+    @property
+    def account_id(self) -> str:
+        """The 12-digit AWS account id, read from ``role_arn``."""
+        return self.role_arn.split(":")[4]
 
 
 class LeaderElectionConfig(Model):
     """Only one replica of `rotator run` rotates: the holder of a Kubernetes Lease."""
 
-    lease: str = "rotator"
-    namespace: str | None = None
+    lease: Annotated[str, AfterValidator(lease_name)] = "rotator"
+    namespace: Annotated[str, AfterValidator(dns_label)] | None = None
     """Default: the pod's own namespace (POD_NAMESPACE, or the service account's namespace file)."""
-    lease_duration: Duration = timedelta(seconds=30)
-    renew_interval: Duration = timedelta(seconds=10)
+    lease_duration: Annotated[Duration, within(timedelta(hours=1), positive=True)] = timedelta(seconds=30)
+    renew_interval: Annotated[Duration, within(timedelta(hours=1), positive=True)] = timedelta(seconds=10)
+
+    @field_validator("renew_interval")
+    @classmethod
+    def _renewed_within_its_duration(cls, value: timedelta, info: ValidationInfo) -> timedelta:
+        duration = info.data.get("lease_duration")
+        if duration is not None and value >= duration:
+            raise ValueError(f"must be shorter than lease_duration ({format_duration(duration)}), or the Lease "
+                             "lapses between renewals")
+        return value
 
 
 class ServiceConfig(Model):
@@ -202,16 +196,18 @@ class ServiceConfig(Model):
 
     schedule: str | None = "0 3 * * *"
     """When to check for due users: a cron expression, in UTC. Ignored when ``interval`` is set."""
-    interval: Duration | None = None
+    interval: Annotated[Duration, within(timedelta(days=366), positive=True)] | None = None
     """Check this often instead of ``schedule``, each time shifted by up to ``jitter``."""
-    jitter: Duration = timedelta(minutes=5)
-    listen: str | None = "127.0.0.1:9090"
-    """host:port of /healthz, /readyz and /metrics; null turns the server off."""
+    jitter: Annotated[Duration, within(ONE_DAY)] | None = None
+    """With ``interval``: each pass is shifted by a random delay up to this (spreads replicas and hosts);
+    shorter than ``interval``. Unset: a tenth of ``interval``, at most 5m (see ``interval_jitter``)."""
+    listen: ListenAddress | None = "127.0.0.1:9090"
+    """host:port of /healthz, /readyz and /metrics ([IPv6]:port); null turns the server off."""
     concurrency: int = Field(default=4, ge=1, le=64)
     """How many users rotate at the same time."""
-    shutdown_timeout: Duration = timedelta(seconds=60)
+    shutdown_timeout: Annotated[Duration, within(ONE_DAY)] = timedelta(seconds=60)
     """On SIGTERM, how long in-flight rotations get to finish or roll back."""
-    lock_dir: str | None = None
+    lock_dir: LocalPath | None = None
     """Where per-user and service lock files live on a host (default $RUNTIME_DIRECTORY, else /tmp/rotator)."""
     leader_election: LeaderElectionConfig | None = None
     """Set in a cluster: replicas elect a leader on a Lease, and per-user guards are Leases too."""
@@ -223,19 +219,29 @@ class ServiceConfig(Model):
             from apscheduler.triggers.cron import CronTrigger
 
             try:
-                CronTrigger.from_crontab(value, timezone="UTC")
-            except ValueError as exc:
+                trigger = CronTrigger.from_crontab(value, timezone="UTC")
+                never = trigger.get_next_fire_time(None, datetime.now(UTC)) is None
+            except (ValueError, ArithmeticError) as exc:
                 raise ValueError(f"not a cron expression ({exc})") from None
+            if never:
+                raise ValueError("this cron expression never fires")
         return value
 
-    @field_validator("listen")
+    @field_validator("jitter")
     @classmethod
-    def _host_port(cls, value: str | None) -> str | None:
-        if value is not None:
-            host, _, port = value.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError("must be host:port, e.g. 127.0.0.1:9090 or 0.0.0.0:9090")
+    def _shorter_than_the_interval(cls, value: timedelta | None, info: ValidationInfo) -> timedelta | None:
+        interval = info.data.get("interval")
+        if value is not None and interval is not None and value >= interval:
+            raise ValueError(f"must be shorter than interval ({format_duration(interval)}); unset, it is a tenth "
+                             "of the interval, at most 5m")
         return value
+
+    @property
+    def interval_jitter(self) -> timedelta:
+        """The most a pass on ``interval`` is shifted: ``jitter``, or a tenth of the interval, at most 5m."""
+        if self.jitter is not None:
+            return self.jitter
+        return min(DEFAULT_JITTER, self.interval / 10) if self.interval is not None else timedelta(0)
 
 
 class Config(Model):
@@ -260,7 +266,15 @@ class Config(Model):
     def _accounts_exist_and_someone_is_configured(self) -> Config:
         if not self.users and not self.select:
             raise ValueError("configure at least one entry in users or select")
-        known = {account.name for account in self.accounts}
+        problem = self.aws.endpoint_problem()
+        if problem:
+            raise ValueError(problem)
+        known: dict[str, int] = {}
+        for index, entry in enumerate(self.accounts):
+            if entry.name in known:
+                raise ValueError(f"accounts[{index}].name: {entry.name!r} is already the name of "
+                                 f"accounts[{known[entry.name]}]; account names must be unique")
+            known[entry.name] = index
         wanted = [(f"users[{i}]", u.account) for i, u in enumerate(self.users)]
         wanted += [(f"select[{i}]", s.account) for i, s in enumerate(self.select)]
         for where, account in wanted:
@@ -306,14 +320,7 @@ def shared_target(users: list[tuple[str, str, list[SinkConfig]]]) -> str | None:
     return None
 
 
-def _path(loc: tuple[int | str, ...]) -> str:
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "(top level)"
-
-
-def _format(error: ValidationError, prefix: tuple[int | str, ...] = ()) -> list[str]:
+def format_errors(error: ValidationError, prefix: tuple[int | str, ...] = ()) -> list[str]:
     lines = []
     for item in error.errors(include_url=False, include_input=False):
         loc = prefix + tuple(p for p in item["loc"] if not str(p).startswith("function-"))
@@ -323,28 +330,8 @@ def _format(error: ValidationError, prefix: tuple[int | str, ...] = ()) -> list[
         if not loc and re.match(r"^[\w\[\].]+: ", message):
             lines.append(message)  # a model-level check that names its own path
         else:
-            lines.append(f"{_path(loc)}: {message}")
+            lines.append(f"{field_path(loc)}: {message}")
     return lines
-
-
-def _interpolate(value: Any, loc: tuple[int | str, ...], errors: list[str]) -> Any:
-    if isinstance(value, dict):
-        return {k: _interpolate(v, (*loc, str(k)), errors) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_interpolate(v, (*loc, i), errors) for i, v in enumerate(value)]
-    if not isinstance(value, str):
-        return value
-
-    def substitute(match: re.Match[str]) -> str:
-        if match.group(0) == "$${":
-            return "${"
-        name = match.group(1)
-        if name not in os.environ:
-            errors.append(f"{_path(loc)}: environment variable {name} is not set")
-            return ""
-        return os.environ[name]
-
-    return _ENV_REF.sub(substitute, value)
 
 
 def _typed_entries(
@@ -361,19 +348,19 @@ def _typed_entries(
     for index, entry in enumerate(raw):
         here = (*loc, index)
         if not isinstance(entry, dict) or "type" not in entry:
-            errors.append(f"{_path(here)}: a {kind} needs a 'type' (one of: {', '.join(sorted(models))})")
+            errors.append(f"{field_path(here)}: a {kind} needs a 'type' (one of: {', '.join(sorted(models))})")
             continue
         model = models.get(entry["type"]) if isinstance(entry["type"], str) else None
         if model is None:
             errors.append(
-                f"{_path((*here, 'type'))}: unknown {kind} type {entry['type']!r} "
+                f"{field_path((*here, 'type'))}: unknown {kind} type {entry['type']!r} "
                 f"(one of: {', '.join(sorted(models))})"
             )
             continue
         try:
             typed.append(model.model_validate(entry))
         except ValidationError as exc:
-            errors.extend(_format(exc, here))
+            errors.extend(format_errors(exc, here))
     return typed
 
 
@@ -386,7 +373,7 @@ def parse(
     if not isinstance(data, dict):
         raise ConfigError("config: the top level must be a mapping with at least 'users'")
     errors: list[str] = []
-    data = _interpolate(data, (), errors)
+    data = interpolate(data, (), errors)
     if errors:  # the emptied values would only add confusing follow-up errors
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     for section in ("users", "select"):
@@ -404,7 +391,7 @@ def parse(
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        for line in _format(exc):
+        for line in format_errors(exc):
             # an entry rejected above leaves its list short; that is not a second problem to report
             path = line.split(": ", 1)[0]
             if not any(e.startswith(path + "[") for e in errors):
@@ -413,17 +400,3 @@ def parse(
         raise ConfigError("invalid config:\n  " + "\n  ".join(dict.fromkeys(errors)))
     return config
 
-
-def read_file(path: str | Path) -> Any:
-    """A config file's YAML, not yet validated (``parse`` does that, with the sink and probe models)."""
-    file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"--config: cannot read {file}: {exc.strerror}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{file}: not valid YAML{where}") from None

@@ -13,8 +13,19 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from pydantic import ValidationError
+
 from rotator import registry, state
-from rotator.config import Config, ProbeConfig, RotationSettings, SelectorConfig, SinkConfig, shared_target
+from rotator.config import (
+    Config,
+    ProbeConfig,
+    RotationSettings,
+    SelectorConfig,
+    SinkConfig,
+    format_errors,
+    shared_target,
+)
+from rotator.config_fields import iam_user_name
 from rotator.engine import Rotation, utc_now
 from rotator.errors import ConfigError, RotatorError
 from rotator.iam import PERMISSIONS, AccessKey, ClientFactory, Iam, assumed_role_client_factory, session_client_factory
@@ -44,8 +55,10 @@ class Selection:
     """What could not be listed (an account whose role cannot be assumed): label -> error."""
 
 
-def _render(model: Any, user: str) -> Any:
-    """A selector's sink/probe config with ``{user}`` replaced by the selected user's name."""
+def _render(model: Any, user: str, where: str) -> Any:
+    """A selector's sink/probe config with ``{user}`` replaced by the selected user's name; a ``ConfigError``
+    naming ``where`` when the result is not valid (a Secret name the user's name cannot be part of, a
+    ``~{user}`` with no such account on this host)."""
     def substitute(value: Any) -> Any:
         if isinstance(value, str):
             return value.replace("{user}", user)
@@ -55,7 +68,11 @@ def _render(model: Any, user: str) -> Any:
             return {k: substitute(v) for k, v in value.items()}
         return value
 
-    return type(model).model_validate(substitute(model.model_dump()))
+    try:
+        return type(model).model_validate(substitute(model.model_dump()))
+    except ValidationError as exc:
+        problems = "; ".join(format_errors(exc, ()))
+        raise ConfigError(f"invalid config: {where}, for the selected user {user}: {problems}") from None
 
 
 class Fleet:
@@ -63,6 +80,7 @@ class Fleet:
         self.config = config
         self._make_client = make_client or session_client_factory(config.aws)
         self._iams: dict[str | None, Iam] = {}
+        self._own_account_id: str | None = None
         self._lock = threading.Lock()
 
     def iam(self, account: str | None = None) -> Iam:
@@ -72,6 +90,17 @@ class Fleet:
                 factory = assumed_role_client_factory(settings, self._make_client) if settings else self._make_client
                 self._iams[account] = Iam(factory)
             return self._iams[account]
+
+    def account_id(self, account: str | None) -> str:
+        """The AWS account id behind a config's account name: from its role ARN, or for rotator's own
+        account (None) from sts:GetCallerIdentity, asked once. Locks are named by it (see ``lock``)."""
+        settings = self.config.account(account)
+        if settings is not None:
+            return settings.account_id
+        if self._own_account_id is None:
+            arn = self.iam().whoami()
+            self._own_account_id = arn.split(":")[4] if arn.count(":") >= 5 else arn
+        return self._own_account_id
 
     # -- which users ----------------------------------------------------------------------------
 
@@ -99,8 +128,8 @@ class Fleet:
                 seen.add((selector.account, name))
                 selection.targets.append(Target(
                     name, selector.account,
-                    tuple(_render(s, name) for s in selector.sinks),
-                    tuple(_render(p, name) for p in selector.probes),
+                    tuple(_render(s, name, f"select[{index}].sinks[{i}]") for i, s in enumerate(selector.sinks)),
+                    tuple(_render(p, name, f"select[{index}].probes[{i}]") for i, p in enumerate(selector.probes)),
                     selector.applied_to(self.config.defaults),
                     f"select[{index}]",
                 ))
@@ -119,6 +148,14 @@ class Fleet:
     def target(self, name: str) -> Target:
         """The target a user gave on the command line: `NAME` or `ACCOUNT/NAME`."""
         account, _, user = name.rpartition("/")
+        try:  # a name that cannot be a user is refused before any selection is listed from IAM
+            iam_user_name(user)
+        except ValueError as exc:
+            raise ConfigError(f"--user: {user!r}: {exc}") from None
+        if account and self.config.account(account) is None:
+            known = ", ".join(a.name for a in self.config.accounts) or "none configured"
+            raise ConfigError(f"--user: no account named {account!r} in accounts (configured: {known})")
+
         def matches(t: Target) -> bool:
             return t.name == user and (t.account == (account or None) or (not account and t.account is None))
         listed = [t for t in self.listed() if matches(t)]

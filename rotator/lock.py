@@ -4,6 +4,15 @@ On a host: ``flock`` files in ``service.lock_dir``. In a cluster (``service.lead
 Kubernetes Leases, taken with optimistic concurrency (``resourceVersion``) and renewed while held.
 Both expose the same two things: ``user(label)``, a context manager yielding whether this process now
 holds that user, and ``leader()``, the service's leadership.
+
+What a lock is named by: the user's AWS account id and IAM user name (``123456789012/app``), not the
+label the config gives it. The default ``lock_dir`` is shared by every rotator on a host, so a lock named
+by the user name alone made two configs for different AWS accounts block each other whenever both had
+a user ``app``. The account id (from ``accounts[].role_arn``, or for rotator's own account from
+``sts:GetCallerIdentity``, which needs no permission) is what tells those users apart, and it is the same
+whatever a config calls the account, so two rotators for the same account and user still exclude each
+other. The endpoint is deliberately not part of the name: the same account reached through two endpoints
+(a VPC endpoint, a proxy) is still the same account, and its users must still be locked once.
 """
 
 from __future__ import annotations
@@ -12,8 +21,9 @@ import fcntl
 import hashlib
 import os
 import re
+import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,9 +31,12 @@ from typing import Any, Protocol
 
 from rotator import log, state
 from rotator.config import Config, LeaderElectionConfig
-from rotator.errors import ConfigError, DependencyError
+from rotator.errors import ConfigError, DependencyError, RotatorError
 
 _SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+AccountIds = Callable[[str | None], str]
+"""A config's account name (None: rotator's own account) -> the 12-digit AWS account id it stands for."""
 
 
 class Leadership(Protocol):
@@ -50,20 +63,48 @@ def _safe(label: str) -> str:
     return f"{readable}-{hashlib.sha256(label.encode()).hexdigest()[:8]}"
 
 
+def _scoped(label: str, account_ids: AccountIds | None) -> str:
+    """What a user's lock is named by: ``ACCOUNT_ID/NAME`` (see the module docstring)."""
+    if account_ids is None:
+        return label
+    account, _, name = label.rpartition("/")
+    return f"{account_ids(account or None)}/{name}"
+
+
 class FileLocks:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, account_ids: AccountIds | None = None, *,
+                 setting: str = "service.lock_dir") -> None:
         self.directory = directory
+        self.account_ids = account_ids
+        self.setting = setting
+        """How the operator chooses the directory: named in every error about it."""
+
+    def prepare(self) -> None:
+        """Create the directory and check it is writable, at start: a config error (exit 2) before any
+        AWS call, rather than a failure of every user later."""
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ConfigError(f"{self.setting}: {self.directory} is not a directory")
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{self.setting}: cannot create {self.directory}: {exc.strerror}") from None
+        try:  # a real file, as the locks will be: permissions, a read-only file system, /proc
+            fd, probe = tempfile.mkstemp(dir=self.directory, prefix=".rotator-check-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise ConfigError(f"{self.setting}: cannot create lock files in {self.directory}: {exc.strerror}") from None
 
     def _open(self, name: str) -> int:
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             return os.open(self.directory / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise DependencyError(f"lock directory {self.directory}: {exc.strerror}") from None
+            raise DependencyError(f"{self.setting}: lock file {self.directory / name}: {exc.strerror}") from None
 
     @contextmanager
     def user(self, label: str) -> Iterator[bool]:
-        fd = self._open(f"user-{_safe(label)}.lock")
+        fd = self._open(f"user-{_safe(_scoped(label, self.account_ids))}.lock")
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -86,7 +127,13 @@ class _FileLeadership:
     def try_lead(self) -> bool:
         if self._fd is not None:
             return True
-        fd = self._locks._open("service.lock")
+        try:  # one service per AWS account on a host; configs for other accounts have a lock of their own
+            account_ids = self._locks.account_ids
+            name = f"service-{_safe(account_ids(None))}.lock" if account_ids else "service.lock"
+            fd = self._locks._open(name)
+        except RotatorError as exc:
+            log.get().warning("cannot take the service lock", error=str(exc))
+            return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -171,9 +218,11 @@ class LeaseClaim:
 
 
 class LeaseLocks:
-    def __init__(self, settings: LeaderElectionConfig, api: Any | None = None, identity: str | None = None) -> None:
+    def __init__(self, settings: LeaderElectionConfig, api: Any | None = None, identity: str | None = None,
+                 account_ids: AccountIds | None = None) -> None:
         self.settings = settings
-        self.namespace = settings.namespace or _own_namespace()
+        self.namespace = leader_namespace(settings)
+        self.account_ids = account_ids
         if api is None:
             from kubernetes import client
 
@@ -188,7 +237,7 @@ class LeaseLocks:
 
     @contextmanager
     def user(self, label: str) -> Iterator[bool]:
-        claim = self._claim(f"rotator-user-{_safe(label)}")
+        claim = self._claim(f"rotator-user-{_safe(_scoped(label, self.account_ids))}")
         if not claim.try_acquire():
             yield False
             return
@@ -228,7 +277,10 @@ class _LeaseLeadership:
         self.claim.release()
 
 
-def _own_namespace() -> str:
+def leader_namespace(settings: LeaderElectionConfig) -> str:
+    """Where the Leases live: ``namespace``, else the pod's own; a ``ConfigError`` when neither is known."""
+    if settings.namespace:
+        return settings.namespace
     namespace = os.environ.get("POD_NAMESPACE")
     if namespace:
         return namespace
@@ -241,8 +293,16 @@ def _own_namespace() -> str:
         ) from None
 
 
-def make_locks(config: Config) -> Locks:
+def make_locks(config: Config, account_ids: AccountIds | None = None) -> Locks:
+    """The locks the config asks for, checked at once (a Lease namespace that can be found, a lock directory
+    that can be written), so that a problem is a config error before any AWS call."""
     service = config.service
     if service.leader_election is not None:
-        return LeaseLocks(service.leader_election)
-    return FileLocks(Path(service.lock_dir) if service.lock_dir else default_lock_dir())
+        return LeaseLocks(service.leader_election, account_ids=account_ids)
+    if service.lock_dir:
+        locks = FileLocks(Path(os.path.expanduser(service.lock_dir)), account_ids)
+    else:
+        locks = FileLocks(default_lock_dir(), account_ids,
+                          setting="service.lock_dir (not set; the default is $RUNTIME_DIRECTORY, else /tmp/rotator)")
+    locks.prepare()
+    return locks

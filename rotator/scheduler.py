@@ -29,9 +29,10 @@ from rotator.server import HealthServer, Readiness
 
 
 def trigger(service: ServiceConfig) -> Any:
+    """Cron in UTC, or every ``interval`` plus a random delay of up to ``service.interval_jitter``."""
     if service.interval is not None:
         return IntervalTrigger(seconds=max(1, int(service.interval.total_seconds())),
-                               jitter=int(service.jitter.total_seconds()) or None, timezone=UTC)
+                               jitter=int(service.interval_jitter.total_seconds()) or None, timezone=UTC)
     return CronTrigger.from_crontab(service.schedule or "0 3 * * *", timezone=UTC)
 
 

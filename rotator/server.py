@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -10,6 +11,8 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from rotator.config_fields import host_port
+from rotator.errors import ConfigError
 from rotator.metrics import Metrics
 
 
@@ -27,9 +30,19 @@ class Readiness:
         return self.config_loaded and self.iam_reachable
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 class HealthServer:
     def __init__(self, listen: str, metrics: Metrics, readiness: Readiness) -> None:
-        host, _, port = listen.rpartition(":")
+        """Bind ``listen`` (``service.listen``) at once; a ``ConfigError`` naming it when that fails (the
+        port is taken, not permitted, or the address is not this host's)."""
+        host, port = host_port(listen)
         self.metrics, self.readiness = metrics, readiness
         outer = self
 
@@ -59,9 +72,13 @@ class HealthServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.httpd = ThreadingHTTPServer((host.strip("[]"), int(port)), Handler)
-        self.httpd.daemon_threads = True
-        self.address = f"{host}:{self.httpd.server_address[1]}"
+        server = _Server6 if ":" in host else _Server
+        try:
+            self.httpd = server((host, port), Handler)
+        except OSError as exc:  # EADDRINUSE, EACCES, EADDRNOTAVAIL, or a host name that does not resolve
+            reason = exc.strerror or str(exc)
+            raise ConfigError(f"service.listen: cannot listen on {listen}: {reason}") from None
+        self.address = listen
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="health-server", daemon=True)
 
     def start(self) -> None:

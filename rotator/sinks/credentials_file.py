@@ -19,10 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import field_validator
 
 from rotator import log
 from rotator.config import SinkConfig
+from rotator.config_fields import LocalPath
 from rotator.credentials import Credentials, Secret
 from rotator.sinks.base import Sink, Snapshot, StoreFailure
 
@@ -37,8 +38,9 @@ _ENTRY = re.compile(r"(?P<lead>\s*(?P<key>[\w.-]+)\s*[=:]\s*)(?P<value>.*?)\s*")
 
 class CredentialsFileSinkConfig(SinkConfig):
     type: Literal["credentials_file"]
-    path: str = Field(min_length=1)
-    """The credentials file, e.g. ``/home/app/.aws/credentials``; ``~`` is expanded when used."""
+    path: LocalPath
+    """The credentials file, e.g. ``/home/app/.aws/credentials``; ``~`` is expanded when used. Absolute
+    after that expansion (see ``config_fields.local_path``)."""
     profile: str = "default"
     """The ``[profile]`` section whose two keys rotator owns; the rest of the file is left alone."""
     follow_symlinks: bool = False
@@ -47,8 +49,8 @@ class CredentialsFileSinkConfig(SinkConfig):
     @field_validator("profile")
     @classmethod
     def _profile_fits_a_header(cls, value: str) -> str:
-        if not value or value != value.strip() or any(c in value for c in "[]\r\n"):
-            raise ValueError("a profile name must be non-empty, without [ ], line breaks or edge spaces")
+        if not value or value != value.strip() or any(c in value for c in "[]") or not value.isprintable():
+            raise ValueError("a profile name must be non-empty, without [ ], control characters or edge spaces")
         return value
 
     def target(self) -> frozenset[str]:

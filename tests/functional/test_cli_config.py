@@ -129,6 +129,23 @@ class TestChoosingTheConfig:
         result = run("--config", app_config, "check-config")
         assert result.exit_code == 0, result.stderr
 
+    @pytest.mark.parametrize("command", [("status",), ("check-config",), ("permissions",),
+                                         ("rotate", "--user", "app", "--dry-run")], ids=" ".join)
+    def test_the_option_may_come_after_the_command(
+        self, aws: Aws, app: AppUser, app_config: Path, command: tuple[str, ...]
+    ) -> None:
+        """README: `rotator status --config FILE` works as `rotator --config FILE status` does."""
+        result = run(*command, "--config", app_config)
+        assert result.exit_code == 0, result.stderr
+
+    def test_after_the_command_it_wins_over_before_it_and_the_environment(
+        self, app_config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("ROTATOR_CONFIG", str(tmp_path / "from-the-environment.yaml"))
+        result = run("--config", tmp_path / "before-the-command.yaml", "check-config", "--config", app_config)
+        assert result.exit_code == 0, result.stderr
+        assert "config ok" in result.stdout
+
     @pytest.mark.parametrize("command", [("rotate", "--user", "web"), ("recover", "--user", "web")], ids=" ".join)
     def test_a_user_not_in_the_config_exits_2_naming_the_option(
         self, app_config: Path, proxy: AwsProxy, aws: Aws, app: AppUser, command: tuple[str, ...]

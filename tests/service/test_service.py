@@ -123,6 +123,22 @@ class TestService:
         assert process.returncode == 0
 
 
+class TestListenAddress:
+    @pytest.mark.parametrize("host", ["127.0.0.1", "[::1]", "localhost"])
+    def test_serves_on_ipv4_ipv6_in_brackets_and_a_host_name(self, host: str) -> None:
+        """`service.listen` takes host:port, [IPv6]:port or name:port, as the config check accepts them."""
+        from rotator.metrics import Metrics
+        from rotator.server import HealthServer, Readiness
+
+        port = free_port()
+        server = HealthServer(f"{host}:{port}", Metrics(), Readiness())
+        server.start()
+        try:
+            assert get(f"http://{host}:{port}/healthz") == (200, "ok\n")
+        finally:
+            server.stop()
+
+
 class TestTwoAtOnceOnOneHost:
     def test_two_passes_at_once_rotate_a_user_only_once(
         self, aws: Aws, app: AppUser, write_config: ConfigWriter, proxy: AwsProxy, processes: list

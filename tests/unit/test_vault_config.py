@@ -115,7 +115,7 @@ class TestAuth:
         assert auth.mount == "approle"
 
     def test_approle_refuses_two_sources_of_secret_id(self) -> None:
-        message = error_of(url="http://v:8200", auth={"method": "approle", "secret_id": "s", "secret_id_file": "f"})
+        message = error_of(url="http://v:8200", auth={"method": "approle", "secret_id": "s", "secret_id_file": "/f"})
         assert "give secret_id or secret_id_file, not both" in message
 
     def test_an_approle_secret_id_never_shows_in_the_config_repr(self) -> None:
