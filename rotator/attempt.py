@@ -27,6 +27,7 @@ from rotator.errors import (
     RotationFailed,
     RotatorError,
     SinkError,
+    TakenOver,
 )
 from rotator.iam import AccessKey
 from rotator.probes.base import ProbeContext
@@ -80,7 +81,7 @@ class Attempt:
         self._touched: set[int] = set(range(len(self.sinks))) if consumers_may_hold else set(self._holding)
         """Sinks that held (or may have held) the new key, so their consumers may have loaded it."""
         self._pushing_recorded = consumers_may_hold
-        self._user_arn: str | None = None
+        self._context = ProbeContext(self.user, self.iam)  # learns the user's ARN from STS's first answer
         self._sts = StsProbe(StsProbeConfig(type="sts"), self.user)
         self._log = log.get().bind(user=self.user)
 
@@ -103,7 +104,7 @@ class Attempt:
         """Before any sink sees the new key, STS must accept it several times in a row (DESIGN.md)."""
         new = self._new()
         with self._step("await_usable", key_id=new.access_key_id):
-            await_usable(self._sts, new, self._probe_context(), self.rotation.settings)
+            await_usable(self._sts, new, self._context, self.rotation.settings)
 
     def push(self) -> None:
         """Write the new key to every sink that does not hold it yet."""
@@ -119,8 +120,13 @@ class Attempt:
         for index in todo:
             sink = self.sinks[index]
             with self._step("push", key_id=new.access_key_id, sink=sink.name), shutdown.deferred():
+                window = sink.unfenced_window
+                if window is not None:  # nothing will refuse this write if it lands late: say until when it may
+                    self.journal.unsettled(self.rotation.now() + window)
                 try:
-                    self._receipts[index] = sink.write(new)
+                    self._receipts[index] = sink.write(new, guard=self._still_ours)
+                except (TakenOver, IamError):
+                    raise  # the guard stopped the write before it was sent
                 except SinkError as exc:
                     if exc.landed or not exc.unchanged:
                         self._touched.add(index)  # held it, if only for a moment: a consumer may have loaded it
@@ -141,13 +147,14 @@ class Attempt:
         for sink in self.sinks:
             if sink.consumers():
                 with self._step("reload", sink=sink.name, consumers=sink.consumers()):
+                    self._still_ours()
                     sink.reload()
 
     def probe(self) -> None:
         """The application works with the new key: the STS check again, then the configured probes."""
         new = self._new()
         with self._step("probe", key_id=new.access_key_id):
-            context = self._probe_context()
+            context = self._context
             self._sts.check(new, context)
             for probe in self.rotation.probes:
                 probe.check(new, context)
@@ -163,7 +170,9 @@ class Attempt:
                                      f"{self.old_key} from here")
             if self.old_key:
                 with self._step("retire", key_id=self.old_key):
-                    self.journal.retiring(self.old_key, self.rotation.now() + grace if grace else None)
+                    if grace:  # the retired mark must be on the user before the key is inactive; without a
+                        # grace, a crash from here is finished by rolling forward again (one write less)
+                        self.journal.retiring(self.old_key, self.rotation.now() + grace)
                     self._deactivate(self.old_key)
                 if not grace:
                     with self._step("delete", key_id=self.old_key):
@@ -205,7 +214,7 @@ class Attempt:
         if self._taken_over():
             raise NeedsAttention(
                 f"rotation of {self.user} failed ({reason}), but another rotator has taken the rotation over in "
-                "the meantime; leaving everything as it is to that rotator (see `rotator status`)") from None
+                f"the meantime; {self._withdraw()} (see `rotator status`)") from None
         failures = self.undo()
         if failures:
             raise NeedsAttention(
@@ -226,8 +235,13 @@ class Attempt:
         if self.new_key or self._create_unanswered:
             try:
                 self.journal.rolling_back()
-            except IamError as exc:
+            except RotatorError as exc:  # IAM, or the shutdown deadline: the undo goes on as far as it can
                 self._log.warning("could not record the rollback", error=str(exc))
+        if self._recovering and self.new_key:  # the dead owner may have sent a write no server applied yet
+            new_key = self.new_key
+            for index in sorted(set(range(len(self.sinks))) - self._holding):
+                sink = self.sinks[index]
+                self._undoing(f"fence off late writes to {sink.name}", lambda s=sink: s.fence_off(new_key), failures)
         for index in sorted(self._holding - self._in_doubt, reverse=True):
             self._undoing(f"put the old key back in {self.sinks[index].name}", self._restorer(index), failures)
         for index in sorted(self._touched):
@@ -247,6 +261,19 @@ class Attempt:
         else:
             self._undoing("forget the rotation state", self.journal.finish, failures)
         return failures
+
+    def _withdraw(self) -> str:
+        """Taken over before this process wrote any sink: the new key it made is in no sink of its doing, so
+        it deletes it (whoever took over finds it gone) and any record of it left without an owner."""
+        if self._touched or self._create_unanswered or not self.new_key:
+            return "leaving everything as it is to that rotator"
+        self._recovering = True  # read every sink before the delete, as a recovering rotator would
+        try:
+            self._delete_unheld(self.new_key)
+            self.journal.drop_ownerless_record()
+        except RotatorError as exc:
+            return f"its new key {self.new_key} could not be deleted ({exc}); leaving the rest to that rotator"
+        return f"deleted its new key {self.new_key}, which no sink holds, and left the rest to that rotator"
 
     def _undoing(self, what: str, action: Any, failures: list[str]) -> None:
         try:
@@ -302,11 +329,6 @@ class Attempt:
         assert self.new is not None, "a step forward needs the new key's secret"
         return self.new
 
-    def _probe_context(self) -> ProbeContext:
-        if self._user_arn is None:
-            self._user_arn = self.iam.user_arn(self.user)
-        return ProbeContext(self.user, self._user_arn, self.iam)
-
     def _deactivate(self, key_id: str) -> None:
         try:
             self.iam.set_key_active(self.user, key_id, False)
@@ -318,6 +340,13 @@ class Attempt:
     def _is_active(self, key_id: str) -> bool:
         return any(k.key_id == key_id and k.active for k in self.iam.list_keys(self.user))
 
+    def _still_ours(self) -> None:
+        """Before a write to a sink or a consumer: stop (``TakenOver``) if another rotator took the rotation
+        over while this process was stuck, as it would then write a key the other may have deleted."""
+        if self.journal.owning and not self.journal.owned_by_this_process():
+            raise TakenOver(f"another rotator has taken over the rotation of {self.user}; this one stops "
+                            "without writing anything more")
+
     def _taken_over(self) -> bool:
         """Whether another rotator has taken over (or ended) the rotation this process recorded. Then this
         process must not touch anything: its receipts describe a world that has moved on."""
@@ -325,7 +354,7 @@ class Attempt:
             return False
         try:
             return not self.journal.owned_by_this_process()
-        except IamError:
+        except RotatorError:  # IAM, or the shutdown deadline
             return False  # cannot tell; what follows needs IAM as well and reports its own failure
 
     @contextmanager

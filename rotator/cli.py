@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
 import click
 
-from rotator import log, registry, shutdown
+from rotator import log, preflight, registry, shutdown
 from rotator.config import Config
 from rotator.credentials import short_key_id
 from rotator.errors import Busy, ConfigError, RotatorError
 from rotator.fleet import Fleet, UserStatus, iam_policy
-from rotator.lock import make_locks
+from rotator.lock import leader_namespace, make_locks
 from rotator.outcome import Outcome, Result
 from rotator.runner import UserResult, run_pass
 from rotator.scheduler import Service
@@ -60,9 +60,22 @@ class _Group(click.Group):
             _fail(exc, debug)
 
 
+def _config_after_the_command(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        ctx.find_object(_Context).config_path = value  # type: ignore[union-attr]
+    return value
+
+
+def _with_config_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--config FILE`` after the command too (``rotator status --config FILE``); it wins over one given
+    before the command and over ROTATOR_CONFIG."""
+    return click.option("--config", metavar="FILE", expose_value=False, callback=_config_after_the_command,
+                        help="Config file (may also come before the command; default: $ROTATOR_CONFIG).")(command)
+
+
 @click.group(cls=_Group)
 @click.option("--config", "config_path", envvar="ROTATOR_CONFIG", metavar="FILE",
-              help="Config file (default: $ROTATOR_CONFIG).")
+              help="Config file (default: $ROTATOR_CONFIG); may also come after the command.")
 @click.option("--debug", is_flag=True, help="Debug logs and tracebacks of unexpected errors.")
 @click.version_option(package_name="rotator")
 @click.pass_context
@@ -73,6 +86,7 @@ def cli(ctx: click.Context, config_path: str | None, debug: bool) -> None:
 
 
 @cli.command()
+@_with_config_option
 @click.option("--user", "user_name", required=True, help="IAM user: NAME, or ACCOUNT/NAME for another account.")
 @click.option("--dry-run", is_flag=True, help="Print what would happen; change nothing.")
 @click.pass_obj
@@ -80,8 +94,9 @@ def rotate(obj: _Context, user_name: str, dry_run: bool) -> None:
     """Rotate one user's access key now."""
     config = obj.config()
     fleet = Fleet(config)
+    locks = make_locks(config, fleet.account_id)  # an unusable lock_dir or Lease namespace: exit 2, nothing done
     target = fleet.target(user_name)
-    with make_locks(config).user(target.label) as held:
+    with locks.user(target.label) as held:
         if not held:
             raise Busy(f"user {target.label}: another rotator on this host is rotating it; standing aside")
         outcome = fleet.rotation(target).rotate(force=True, dry_run=dry_run)
@@ -89,23 +104,28 @@ def rotate(obj: _Context, user_name: str, dry_run: bool) -> None:
 
 
 @cli.command()
+@_with_config_option
 @click.option("--once", is_flag=True, help="One pass over every user, then exit (the Kubernetes CronJob).")
 @click.pass_obj
 def run(obj: _Context, once: bool) -> None:
     """Keep every configured user rotated: the service, or with --once a single pass."""
     config = obj.config()
     fleet = Fleet(config)
-    locks = make_locks(config)
+    locks = make_locks(config, fleet.account_id)
     with shutdown.main_thread_waits():  # rotations run in workers; the main thread only waits for them
         if not once:
-            sys.exit(Service(fleet, locks).run())
+            code = Service(fleet, locks).run()
+            shutdown.leave_if_abandoned(3)
+            sys.exit(code)
         progress = _print_progress if sys.stdout.isatty() else None
         summary = run_pass(fleet, locks, progress=progress)
     click.echo("\n".join(summary.lines()))
+    shutdown.leave_if_abandoned(summary.exit_code)
     sys.exit(summary.exit_code)
 
 
 @cli.command()
+@_with_config_option
 @click.option("--user", "user_name", help="Only this user (default: every configured user).")
 @click.option("--force", is_flag=True, help="Recover even if the rotation looks like it is still running elsewhere.")
 @click.option("--dry-run", is_flag=True, help="Print what would happen; change nothing.")
@@ -114,12 +134,12 @@ def recover(obj: _Context, user_name: str | None, force: bool, dry_run: bool) ->
     """Finish or undo interrupted rotations and delete retired keys whose grace has passed."""
     config = obj.config()
     fleet = Fleet(config)
-    if user_name:
+    locks = make_locks(config, fleet.account_id)
+    if user_name is not None:
         targets, worst = [fleet.target(user_name)], 0
     else:
         selection = fleet.select()
         targets, worst = selection.targets, _report_unreachable(selection.failures)
-    locks = make_locks(config)
     for index, target in enumerate(targets):
         if shutdown.requested():  # stop between users: the ones left are untouched
             left = ", ".join(t.label for t in targets[index:])
@@ -138,6 +158,7 @@ def recover(obj: _Context, user_name: str | None, force: bool, dry_run: bool) ->
 
 
 @cli.command()
+@_with_config_option
 @click.option("--output", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.pass_obj
 def status(obj: _Context, output: str) -> None:
@@ -163,34 +184,32 @@ def status(obj: _Context, output: str) -> None:
 
 
 @cli.command("check-config")
-@click.option("--connect", is_flag=True, help="Also reach IAM and read every sink.")
+@_with_config_option
+@click.option("--connect", is_flag=True,
+              help="Also check that IAM, every sink and the locks can be used: permissions, not just reachability.")
 @click.pass_obj
 def check_config(obj: _Context, connect: bool) -> None:
-    """Validate the config (and with --connect, reach IAM and every sink)."""
+    """Validate the config (exit 2 if it is bad); with --connect also check, changing nothing, that a run
+    would have every permission it needs: one line per user and check, exit 1 if any failed."""
     config = obj.config()
+    if config.service.leader_election is not None:
+        leader_namespace(config.service.leader_election)  # known at run time only from the pod: say so now
     fleet = Fleet(config)
     listed = fleet.listed()
-    rotations = [(target, fleet.rotation(target)) for target in listed]  # builds every sink: catches bad settings
+    targets = [(target, fleet.rotation(target).sinks) for target in listed]  # builds every sink: bad settings
     sinks = sum(len(target.sinks) for target in listed)
     click.echo(f"config ok: {len(listed)} listed user(s), {len(config.select)} selection(s), {sinks} sink(s)")
     if not connect:
         return
     failed = _report_unreachable(fleet.select().failures) if config.select else 0
-    for target, rotation in rotations:
-        checks: list[tuple[str, Any]] = [("iam", lambda t=target: fleet.iam(t.account).list_keys(t.name))]
-        checks += [(sink.name, sink.read) for sink in rotation.sinks]
-        for name, check in checks:
-            try:
-                check()
-            except RotatorError as exc:
-                failed = 1
-                click.echo(log.redact(f"{target.label}: {name}: FAILED: {exc}"))
-            else:
-                click.echo(f"{target.label}: {name}: ok")
+    for check in preflight.checks(fleet, targets):
+        click.echo(log.redact(check.line()))
+        failed = failed or int(not check.ok)
     sys.exit(failed)
 
 
 @cli.command()
+@_with_config_option
 @click.pass_obj
 def permissions(obj: _Context) -> None:
     """Print the least IAM policy rotator needs for the configured users."""

@@ -88,6 +88,10 @@ class NeedsAttention(RotatorError):
     exit_code = 3
 
 
+class TakenOver(NeedsAttention):
+    """Another rotator took over (or ended) the rotation this process recorded: it must touch nothing more."""
+
+
 class Interrupted(RotatorError):
     """A termination signal arrived; raised at the next safe point so rollback runs."""
 

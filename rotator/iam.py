@@ -2,7 +2,8 @@
 
 Clients come from one seam (``ClientFactory``), built with the standard credential chain, the
 configured region/endpoint (``AWS_ENDPOINT_URL`` is honoured by botocore itself) and botocore's
-adaptive retry mode, which backs off on throttling.
+adaptive retry mode, which backs off on throttling. boto3 and botocore are imported when the first client
+is built (or an error is wrapped), never at import: commands that do not reach AWS start without them.
 """
 
 from __future__ import annotations
@@ -14,12 +15,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
-
-import boto3
-import botocore.config
-import botocore.credentials
-import botocore.exceptions
-import botocore.session
 
 from rotator import log, shutdown
 from rotator.config import AccountConfig, AwsConfig
@@ -38,21 +33,22 @@ PERMISSIONS: Final = (
     "iam:UntagUser",
 )
 
-_RETRIES: Final = botocore.config.Config(
-    retries={"mode": "adaptive", "max_attempts": 8}, connect_timeout=10, read_timeout=30
-)
+# Client settings by purpose, as arguments of botocore.config.Config.
+_RETRIES: Final[dict[str, Any]] = {
+    "retries": {"mode": "adaptive", "max_attempts": 8}, "connect_timeout": 10, "read_timeout": 30,
+}
 # CreateAccessKey is not idempotent: a retry after a lost answer makes a second key. It is sent once, and
 # retried by `Iam.create_key` only after answers that prove it was not processed (throttling).
-_ONCE: Final = botocore.config.Config(
-    retries={"mode": "standard", "total_max_attempts": 1}, connect_timeout=10, read_timeout=30
-)
+_ONCE: Final[dict[str, Any]] = {
+    "retries": {"mode": "standard", "total_max_attempts": 1}, "connect_timeout": 10, "read_timeout": 30,
+}
 # Error answers that do not prove the request was not carried out: AWS answered for a request that timed out.
 _ANSWER_LOST: Final = frozenset({"RequestTimeout", "RequestTimeoutException"})
 _THROTTLED: Final = frozenset({"Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException"})
 # The propagation check does its own backoff; botocore must not retry "invalid token" on its own.
-_STS_CHECK: Final = botocore.config.Config(
-    retries={"mode": "standard", "max_attempts": 2}, connect_timeout=5, read_timeout=15
-)
+_STS_CHECK: Final[dict[str, Any]] = {
+    "retries": {"mode": "standard", "max_attempts": 2}, "connect_timeout": 5, "read_timeout": 15,
+}
 
 
 @dataclass(frozen=True)
@@ -66,34 +62,51 @@ ClientFactory = Callable[..., Any]
 
 
 def session_client_factory(aws: AwsConfig) -> ClientFactory:
-    """Clients from the standard chain, or from explicit credentials when given."""
+    """Clients from the standard chain, or from explicit credentials when given.
+
+    Every client comes from one session per factory (so per process), which loads each service's model
+    once: a client for a new key's STS check then costs little CPU and memory, however many rotations
+    are in flight. Sessions are not thread-safe, so clients are made under a lock (clients are).
+    """
+    shared: dict[str, Any] = {}
+    lock = threading.Lock()
 
     def make_client(
         service: str, credentials: Credentials | None = None, *, check: bool = False, once: bool = False,
         session: Any = None,
     ) -> Any:
-        if session is None:
-            session = (
-                boto3.session.Session(
-                    aws_access_key_id=credentials.access_key_id,
-                    aws_secret_access_key=credentials.secret_access_key.reveal(),
-                    region_name=aws.region,
-                )
-                if credentials
-                else boto3.session.Session(region_name=aws.region)
-            )
-        kwargs: dict[str, Any] = {"config": _STS_CHECK if check else _ONCE if once else _RETRIES}
+        import boto3
+        import botocore.config
+
+        settings = _STS_CHECK if check else _ONCE if once else _RETRIES
+        kwargs: dict[str, Any] = {"config": botocore.config.Config(**settings)}
         if aws.endpoint_url:
             kwargs["endpoint_url"] = aws.endpoint_url
-        # IAM is global and STS answers in every region: any region will do when none is configured.
-        kwargs["region_name"] = aws.region or session.region_name or "us-east-1"
-        client = session.client(service, **kwargs)
+        if credentials is not None:  # the key speaks for itself; the chain is not consulted
+            kwargs.update(aws_access_key_id=credentials.access_key_id,
+                          aws_secret_access_key=credentials.secret_access_key.reveal())
+        with lock:
+            if session is None:
+                session = shared.get("session")
+                if session is None:
+                    session = shared["session"] = boto3.session.Session(region_name=aws.region)
+            # IAM is global and STS answers in every region: any region will do when none is configured.
+            kwargs["region_name"] = aws.region or session.region_name or "us-east-1"
+            client = session.client(service, **kwargs)
         # A termination signal must stop a request or its retries, not wait for their timeouts.
         client.meta.events.register("before-send", shutdown.check)
-        client.meta.events.register("needs-retry", shutdown.check)
+        client.meta.events.register("needs-retry", _stop_instead_of_retrying)
         return client
 
     return make_client
+
+
+def _stop_instead_of_retrying(response: Any = None, caught_exception: Any = None, **_: Any) -> None:
+    """A failed request is not retried after a termination request. An answered one is left alone: a write
+    that was applied must be reported as applied, not as interrupted."""
+    failed = caught_exception is not None or (response is not None and response[0].status_code >= 400)
+    if failed:
+        shutdown.check()
 
 
 def assumed_role_client_factory(account: AccountConfig, base: ClientFactory) -> ClientFactory:
@@ -125,6 +138,10 @@ def assumed_role_client_factory(account: AccountConfig, base: ClientFactory) -> 
         if credentials is not None:
             return base(service, credentials, check=check)
         if "session" not in state:
+            import boto3
+            import botocore.credentials
+            import botocore.session
+
             refreshable = botocore.credentials.RefreshableCredentials.create_from_metadata(
                 metadata=fetch(), refresh_using=fetch, method="assume-role"
             )
@@ -138,6 +155,8 @@ def assumed_role_client_factory(account: AccountConfig, base: ClientFactory) -> 
 
 @contextmanager
 def _wrapped(operation: str, subject: str) -> Iterator[None]:
+    import botocore.exceptions
+
     try:
         yield
     except botocore.exceptions.ClientError as exc:
@@ -197,6 +216,30 @@ class Iam:
     def user_arn(self, user: str) -> str:
         with _wrapped("GetUser", f"user {user}"):
             return str(self._client.get_user(UserName=user)["User"]["Arn"])
+
+    def simulate(self, principal_arn: str, actions: list[str], resource_arn: str) -> dict[str, str]:
+        """IAM's policy simulator (SimulatePrincipalPolicy, which needs iam:SimulatePrincipalPolicy): for
+        each action, its decision for ``principal_arn``'s policies on ``resource_arn``: ``allowed``,
+        ``explicitDeny`` or ``implicitDeny`` (``not evaluated`` if the answer left it out)."""
+        import botocore.parsers
+
+        decisions: dict[str, str] = {}
+        subject = f"the policies of {principal_arn}"
+        try:
+            with _wrapped("SimulatePrincipalPolicy", subject):
+                pages = self._client.get_paginator("simulate_principal_policy").paginate(
+                    PolicySourceArn=principal_arn, ActionNames=actions, ResourceArns=[resource_arn])
+                for page in pages:
+                    for result in page["EvaluationResults"]:
+                        # IAM answers once per action, with each resource's decision in ResourceSpecificResults
+                        on_resource = [r["EvalResourceDecision"] for r in result.get("ResourceSpecificResults")
+                                       or [] if r.get("EvalResourceName") == resource_arn]
+                        decisions[str(result["EvalActionName"]).lower()] = str(
+                            on_resource[0] if on_resource else result["EvalDecision"])
+        except botocore.parsers.ResponseParserError:  # an IAM look-alike without the simulator (moto): a 500 page
+            raise IamError(f"SimulatePrincipalPolicy for {subject} failed: the answer is not IAM's",
+                           code="ResponseParserError") from None
+        return {action: decisions.get(action.lower(), "not evaluated") for action in actions}
 
     def list_keys(self, user: str) -> list[AccessKey]:
         keys: list[AccessKey] = []

@@ -17,6 +17,9 @@ resourceVersion cannot overwrite a newer write when repeated); POST and PATCH ar
 
 Failures are described by ``describe_failure``, which never repeats a response body: an API server's
 error message can echo the request, and the request may carry a secret.
+
+The kubernetes client (a fifth of a second to import) is imported when a client is first built, or when
+``ApiException`` or ``CALL_ERRORS`` is first used: commands that never reach a cluster do without it.
 """
 
 from __future__ import annotations
@@ -26,16 +29,18 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydantic
-import urllib3
-from kubernetes import client as k8s
-from kubernetes import config as k8s_config
-from kubernetes.client.exceptions import ApiException
-from kubernetes.config.config_exception import ConfigException
 
+from rotator import shutdown
 from rotator.errors import DependencyError
+
+if TYPE_CHECKING:
+    from kubernetes import client as k8s
+    from kubernetes.client.exceptions import ApiException as ApiException  # re-exported
+
+    CALL_ERRORS: tuple[type[Exception], ...]
 
 _SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 _ERRNO_TEXT = re.compile(r"\[Errno -?\d+\] ([^)'\"]+)")
@@ -44,6 +49,11 @@ _ERRNO_TEXT = re.compile(r"\[Errno -?\d+\] ([^)'\"]+)")
 def api_client(context: str | None = None, kubeconfig: str | None = None) -> k8s.ApiClient:
     """A client for the cluster that ``kubeconfig``/``context`` name (see the module docstring for the
     order in which the connection is looked for). Raises ``DependencyError`` when none can be loaded."""
+    import urllib3
+    from kubernetes import client as k8s
+    from kubernetes import config as k8s_config
+    from kubernetes.config.config_exception import ConfigException
+
     configuration = k8s.Configuration()
     source = "in-cluster service account"
     try:
@@ -111,6 +121,9 @@ def api_status(exc: ApiException) -> ApiStatus:
 
 def describe_failure(exc: BaseException) -> str:
     """One line about a failed API call, without any response body (which can echo the request)."""
+    import urllib3
+    from kubernetes.client.exceptions import ApiException
+
     if isinstance(exc, ApiException):
         status = api_status(exc)
         return f"{status.code} {status.reason}".strip()
@@ -140,6 +153,9 @@ def describe_failure(exc: BaseException) -> str:
 def answer_lost(exc: BaseException) -> bool:
     """Whether a failed call may have been applied anyway: no answer in time, a connection that broke
     after the request went out, or a server error. A refusal (4xx) or a connection never made was not."""
+    import urllib3
+    from kubernetes.client.exceptions import ApiException
+
     if isinstance(exc, ApiException):
         return int(exc.status or 0) >= 500
     reason = exc
@@ -151,9 +167,19 @@ def answer_lost(exc: BaseException) -> bool:
     return isinstance(reason, urllib3.exceptions.HTTPError | OSError)
 
 
-CALL_ERRORS: tuple[type[Exception], ...] = (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError)
-"""What a client call raises when it fails: an API error, no connection or no answer, an object the
-client's models refuse (pydantic's ValidationError is a ValueError), an answer that is not JSON."""
+if not TYPE_CHECKING:  # hidden from mypy, which would otherwise take any unknown ``kube.name`` for Any
+    def __getattr__(name: str) -> Any:
+        """``ApiException``, and ``CALL_ERRORS``: what a client call raises when it fails (an API error, no
+        connection or no answer, an object the client's models refuse -- pydantic's ValidationError is a
+        ValueError --, an answer that is not JSON). Built on first use, which imports the client."""
+        if name not in ("ApiException", "CALL_ERRORS"):
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        import urllib3
+        from kubernetes.client.exceptions import ApiException
+
+        globals().update(ApiException=ApiException,
+                         CALL_ERRORS=(ApiException, urllib3.exceptions.HTTPError, OSError, ValueError))
+        return globals()[name]
 
 
 def call(method: Any, *args: Any, timeout: float, **kwargs: Any) -> Any:
@@ -165,7 +191,7 @@ def call(method: Any, *args: Any, timeout: float, **kwargs: Any) -> Any:
     patch, whose body the client takes as it is. API errors raise ``ApiException``; an answer that is
     not JSON raises ``ValueError``.
     """
-    response = method(*args, _preload_content=False, _request_timeout=timeout, **kwargs)
+    response = method(*args, _preload_content=False, _request_timeout=shutdown.bounded(timeout), **kwargs)
     try:
         return json.loads(response.data)
     finally:

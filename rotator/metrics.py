@@ -1,12 +1,15 @@
-"""Prometheus metrics of the service, on a registry of their own. Labels carry user names, never keys."""
+"""Prometheus metrics of the service, on a registry of their own. Labels carry user names, never keys.
+
+prometheus_client is imported when the service builds its metrics, not when a command imports this module.
+"""
 
 from __future__ import annotations
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
 class Metrics:
     def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
         self.registry = CollectorRegistry()
         self.rotations = Counter(
             "rotator_rotations_total", "Rotation attempts by user and outcome "
@@ -31,4 +34,6 @@ class Metrics:
             "rotator_leader", "1 when this replica is the one that rotates.", registry=self.registry)
 
     def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
         return generate_latest(self.registry)

@@ -84,8 +84,17 @@ def recover(rotation: Rotation, current: state.UserState, keys: list[AccessKey],
     rotation.log.info("recover", phase=pending.phase.value, rolling_back=pending.rolling_back,
                       action=plan.action.value, reason=plan.reason, old_key=pending.old_key,
                       new_key=pending.new_key)
+    unsettled = pending.unsettled_until
+    doubtful = [sink.name for i, sink in enumerate(rotation.sinks)
+                if i not in new_holders and sink.unfenced_window is not None]  # a store holding it has no write left
+    if plan.action is Recovery.ROLL_BACK and doubtful and unsettled is not None and rotation.now() < unsettled:
+        raise NeedsAttention(
+            f"user {user}: the interrupted rotation must be rolled back ({plan.reason}), but a write of the new "
+            f"key {pending.new_key} to {', '.join(doubtful)}, which cannot refuse late writes, may still land "
+            f"until {state.format_time(unsettled)}; keeping the new key. Run `rotator recover --user {user}` after "
+            "that.")
     journal = state.Journal(rotation.iam, user, rotation.now)
-    journal.claim()
+    journal.claim(pending.new_key)
     if plan.action is Recovery.STUCK:
         journal.release()
         raise NeedsAttention(f"user {user}: cannot recover the interrupted rotation: {plan.reason}")

@@ -2,14 +2,16 @@
 
 Like certbot's renewal loop, each user gets its own try/except; the pass collects the outcomes into a
 summary whose exit code is the worst one. Rotations always run in worker threads, so the main thread
-keeps the signal handlers (a termination request reaches the workers through ``shutdown``).
+keeps the signal handlers (a termination request reaches the workers through ``shutdown``). A worker
+stuck in a request past the shutdown deadline is not waited for: the pass reports it as needing
+attention (its rotation is recorded on the user for `rotator recover`) and the process leaves.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -73,17 +75,35 @@ def run_pass(fleet: Fleet, locks: Locks, *, metrics: Metrics | None = None,
     selection = fleet.select()
     summary = PassSummary(unreachable=dict(selection.failures))
     total = len(selection.targets)
-    with ThreadPoolExecutor(max_workers=fleet.config.service.concurrency, thread_name_prefix="rotate") as pool:
-        futures = [pool.submit(_check_user, fleet, target, locks, metrics) for target in selection.targets]
-        for future in as_completed(futures):
-            result = future.result()
-            summary.results.append(result)
-            if progress:
-                progress(result, len(summary.results), total)
+    pool = ThreadPoolExecutor(max_workers=fleet.config.service.concurrency, thread_name_prefix="rotate")
+    futures: dict[Future[UserResult], Target] = {
+        pool.submit(_check_user, fleet, target, locks, metrics): target for target in selection.targets}
+    pending = set(futures)
+    try:
+        while pending:
+            done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+            for future in done:
+                summary.results.append(future.result())
+                if progress:
+                    progress(summary.results[-1], len(summary.results), total)
+            if pending and shutdown.overdue():
+                summary.results += [_left_behind(futures[f], f) for f in pending]
+                shutdown.abandon()
+                break
+    finally:
+        pool.shutdown(wait=not pending, cancel_futures=True)
     summary.results.sort(key=lambda r: r.label)
     log.get().info("pass finished", **{o.value.replace("-", "_"): summary.count(o) for o in Outcome},
                    unreachable=len(summary.unreachable))
     return summary
+
+
+def _left_behind(target: Target, future: Future[UserResult]) -> UserResult:
+    if future.cancel():
+        return UserResult(target.label, Outcome.SKIPPED, "shutting down", 0.0)
+    log.get().error("rotation still running at the shutdown deadline; leaving it recorded", user=target.label)
+    return UserResult(target.label, Outcome.NEEDS_ATTENTION, "still running at the shutdown deadline; its state "
+                      f"is recorded on the user: run `rotator recover --user {target.label}`", 0.0)
 
 
 def _check_user(fleet: Fleet, target: Target, locks: Locks, metrics: Metrics | None) -> UserResult:

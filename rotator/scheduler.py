@@ -4,7 +4,7 @@ APScheduler 3 fires a pass on a cron schedule or an interval with jitter; misfir
 pass is never started while one is running. Only the leader (a Lease in a cluster, a lock file on a
 host) runs passes; the others stand by. A termination signal (``shutdown``) stops new passes and
 interrupts in-flight rotations (they roll back, within ``service.shutdown_timeout``); the service waits
-for them that long, then exits 0.
+for them that long, then exits 0. APScheduler is imported when the service starts, not with this module.
 """
 
 from __future__ import annotations
@@ -13,10 +13,6 @@ import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
-
-from apscheduler.schedulers.background import BackgroundScheduler
-from apscheduler.triggers.cron import CronTrigger
-from apscheduler.triggers.interval import IntervalTrigger
 
 from rotator import log, shutdown
 from rotator.config import ServiceConfig
@@ -30,6 +26,9 @@ from rotator.server import HealthServer, Readiness
 
 def trigger(service: ServiceConfig) -> Any:
     """Cron in UTC, or every ``interval`` plus a random delay of up to ``service.interval_jitter``."""
+    from apscheduler.triggers.cron import CronTrigger
+    from apscheduler.triggers.interval import IntervalTrigger
+
     if service.interval is not None:
         return IntervalTrigger(seconds=max(1, int(service.interval.total_seconds())),
                                jitter=int(service.interval_jitter.total_seconds()) or None, timezone=UTC)
@@ -48,6 +47,8 @@ class Service:
         self._log = log.get()
 
     def run(self) -> int:
+        from apscheduler.schedulers.background import BackgroundScheduler
+
         server = HealthServer(self.config.listen, self.metrics, self.readiness) if self.config.listen else None
         if server:
             server.start()

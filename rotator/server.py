@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST
-
 from rotator.config_fields import host_port
 from rotator.errors import ConfigError
 from rotator.metrics import Metrics
@@ -61,6 +59,8 @@ class HealthServer:
                                        "leader": state.leader}).encode()
                     self._send(200 if state.ready else 503, body, "application/json")
                 elif path == "/metrics":
+                    from prometheus_client import CONTENT_TYPE_LATEST
+
                     self._send(200, outer.metrics.render(), CONTENT_TYPE_LATEST)
                 else:
                     self._send(404, b"not found\n", "text/plain")

@@ -14,12 +14,18 @@ until the shutdown deadline: ``service.shutdown_timeout`` after the first signal
 cleanup is stopped too (``ShutdownTimeout``), leaving the durable state for recovery, so that the
 process leaves before a kubelet or systemd follows up with SIGKILL.
 
+Requests to sinks and probes take their timeout through ``bounded``: after a request, none outlasts the
+deadline. The last word of a cleanup (giving the rotation up for recovery, ``last_word``) may still be
+said past it.
+
 Waits also keep a rotation visibly alive: ``sleep`` first calls the thread's keepalive (its heartbeat).
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +43,9 @@ _requested: str | None = None
 _deadline = float("inf")
 _timeout = DEFAULT_TIMEOUT
 _main_waits = False
+_abandoned = False
+OVERDUE_AFTER = 1.0
+"""Seconds past the deadline after which work still running is abandoned (the process leaves without it)."""
 _event = threading.Event()
 _local = threading.local()
 
@@ -114,6 +123,9 @@ def main_thread_waits() -> Iterator[None]:
         yield
     finally:
         _main_waits = False
+_abandoned = False
+OVERDUE_AFTER = 1.0
+"""Seconds past the deadline after which work still running is abandoned (the process leaves without it)."""
 
 
 # -- per thread ------------------------------------------------------------------------------------------
@@ -149,6 +161,17 @@ def _deferred() -> int:
     return depth
 
 
+@contextmanager
+def last_word() -> Iterator[None]:
+    """One short write that records what a cut cleanup leaves behind (releasing the rotation for
+    recovery): let through even past the deadline."""
+    _local.last_word = True
+    try:
+        yield
+    finally:
+        _local.last_word = False
+
+
 def holding_off() -> bool:
     """Whether a signal arriving now must only be noted: inside a deferred stretch, or while cleaning up."""
     return bool(_deferred()) or is_cleaning_up()
@@ -172,12 +195,41 @@ def check(**_botocore_event: Any) -> None:
 
     A thread that is cleaning up passes until the deadline, then gets ``ShutdownTimeout``; inside a
     deferred stretch nothing is raised."""
-    if _requested is None or _deferred():
+    if _requested is None or _deferred() or getattr(_local, "last_word", False):
         return
     if not is_cleaning_up():
         raise Interrupted(f"received {_requested}")
     if time.monotonic() > _deadline:
         raise ShutdownTimeout(f"received {_requested} and shutdown_timeout ({_timeout:g}s) has passed")
+
+
+def bounded(seconds: float) -> float:
+    """A request's timeout: ``seconds``, or after a termination request what is left before the deadline
+    (at least a moment). Past it, or in a thread that should stop, raises as ``check`` does."""
+    if _requested is None or _deferred() or getattr(_local, "last_word", False):
+        return seconds
+    check()
+    return max(0.2, min(seconds, _deadline - time.monotonic()))
+
+
+def overdue() -> bool:
+    """Whether the shutdown deadline passed a moment ago: work still running then is left behind."""
+    return _requested is not None and time.monotonic() > _deadline + OVERDUE_AFTER
+
+
+def abandon() -> None:
+    """Worker threads were left running past the deadline: the process must leave without joining them."""
+    global _abandoned
+    _abandoned = True
+
+
+def leave_if_abandoned(code: int) -> None:
+    """Exit now with ``code`` if work was abandoned (a normal exit would wait for those threads)."""
+    if not _abandoned:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def sleep(seconds: float) -> None:

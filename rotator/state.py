@@ -13,6 +13,8 @@ The secret never goes here; only key ids and times. Tags (all under ``rotator:``
 - ``rotator:started``      when the rotation began (UTC)
 - ``rotator:owner``        host/pid of the rotator running it (a recovering rotator writes its own)
 - ``rotator:alive-until``  the owner's promise to write again before then, or be dead (UTC)
+- ``rotator:unsettled-until`` a write to a store that cannot refuse a late write (Vault KV v1) was sent;
+                           until then it may still land, so the new key is not deleted (UTC)
 - ``rotator:retired:ID``   rotator deactivated key ID; it may be deleted after this time (UTC)
 
 ``Journal`` writes them for the rotator that owns a rotation. Every write carries a fresh
@@ -31,8 +33,8 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Final
 
-from rotator import log
-from rotator.errors import IamError
+from rotator import log, shutdown
+from rotator.errors import IamError, RotatorError
 from rotator.iam import Iam
 
 PREFIX: Final = "rotator:"
@@ -43,9 +45,11 @@ NEW_KEY: Final = "rotator:new-key"
 STARTED: Final = "rotator:started"
 OWNER: Final = "rotator:owner"
 ALIVE_UNTIL: Final = "rotator:alive-until"
+UNSETTLED_UNTIL: Final = "rotator:unsettled-until"
 RETIRED: Final = "rotator:retired:"
 _LEGACY_HEARTBEAT: Final = "rotator:heartbeat"
-_STATE_TAGS: Final = (PHASE, ROLLING_BACK, OLD_KEY, NEW_KEY, STARTED, OWNER, ALIVE_UNTIL, _LEGACY_HEARTBEAT)
+_STATE_TAGS: Final = (PHASE, ROLLING_BACK, OLD_KEY, NEW_KEY, STARTED, OWNER, ALIVE_UNTIL, UNSETTLED_UNTIL,
+                      _LEGACY_HEARTBEAT)
 _NONE: Final = "none"
 _TIME_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
 
@@ -89,6 +93,7 @@ class Pending:
     owner: str
     rolling_back: bool = False
     alive_until: datetime | None = None
+    unsettled_until: datetime | None = None
 
     @property
     def sinks_may_hold_new_key(self) -> bool:
@@ -141,6 +146,7 @@ def read(iam: Iam, user: str) -> UserState:
         owner=tags.get(OWNER, "unknown/0"),
         rolling_back=rolling_back,
         alive_until=parse_time(tags.get(ALIVE_UNTIL, "")),
+        unsettled_until=parse_time(tags.get(UNSETTLED_UNTIL, "")),
     )
     return UserState(pending, retired)
 
@@ -158,6 +164,10 @@ class Journal:
         self.now = now
         self.owning = False
         """This process recorded (or claimed) the rotation: it keeps the heartbeat and may end it."""
+        self.new_key: str | None = None
+        """The new key this process recorded (or found recorded, when it claimed the rotation)."""
+        self._new_key_on_record = False
+        """Whether recording ``new_key`` was answered: until then the record may lack it."""
         self._last_write = 0.0
 
     def begin(self, old_key: str | None) -> datetime:
@@ -169,7 +179,13 @@ class Journal:
         return started
 
     def record_new_key(self, new_key: str) -> None:
+        self.new_key = new_key
         self._write({NEW_KEY: new_key, PHASE: Phase.CREATED.value})
+        self._new_key_on_record = True
+
+    def unsettled(self, until: datetime) -> None:
+        """A write that nothing can fence off is about to be sent: until ``until`` it may still land."""
+        self._write({UNSETTLED_UNTIL: format_time(until)})
 
     def pushing(self) -> None:
         self._write({PHASE: Phase.PUSHING.value})
@@ -185,10 +201,13 @@ class Journal:
     def rolling_back(self) -> None:
         self._write({ROLLING_BACK: "yes"})
 
-    def claim(self) -> None:
-        """This process takes over an interrupted rotation (recovery): the owner from now on."""
+    def claim(self, new_key: str | None) -> None:
+        """This process takes over an interrupted rotation (recovery) whose new key is ``new_key``: the owner
+        from now on."""
         self._write({OWNER: this_owner()})
         self.owning = True
+        self.new_key = new_key
+        self._new_key_on_record = True
 
     def finish(self, *, deleted_retired: str | None = None) -> None:
         """The rotation is over (done or undone): its state goes; so does the retired mark of a key deleted."""
@@ -201,8 +220,9 @@ class Journal:
             return
         self.owning = False
         try:
-            self.iam.tag(self.user, {ALIVE_UNTIL: format_time(self.now())})
-        except IamError as exc:
+            with shutdown.last_word():  # also when the shutdown deadline cut the cleanup short
+                self.iam.tag(self.user, {ALIVE_UNTIL: format_time(self.now())})
+        except RotatorError as exc:
             log.get().warning("could not release the rotation", user=self.user, error=str(exc))
 
     def beat(self) -> None:
@@ -216,8 +236,21 @@ class Journal:
             log.get().warning("heartbeat not recorded", user=self.user, error=str(exc))
 
     def owned_by_this_process(self) -> bool:
-        """Whether the rotation recorded on the user is still this process's (no one took it over or ended it)."""
-        return self.iam.tags(self.user).get(OWNER) == this_owner()
+        """Whether the rotation recorded on the user is still this process's: no one took it over, ended it,
+        or began another over it (two rotators that read "no rotation" at once both record their intent;
+        the later owner must not mistake the other's new key for its own rotation)."""
+        tags = self.iam.tags(self.user)
+        recorded = tags.get(NEW_KEY)
+        ours = recorded == self.new_key or (recorded is None and not self._new_key_on_record)
+        return tags.get(OWNER) == this_owner() and ours
+
+    def drop_ownerless_record(self) -> None:
+        """Remove the record of this process's new key when the rotation's record has no owner any more
+        (another rotator ended it while this one's CreateAccessKey was on its way, so its later writes made
+        a record that nobody owns and recovery would wait on)."""
+        tags = self.iam.tags(self.user)
+        if OWNER not in tags and tags.get(NEW_KEY) == self.new_key:
+            self.finish()
 
     def _write(self, tags: dict[str, str]) -> None:
         """Only ``begin`` and ``claim`` name the owner: a rotator that was taken over must not take it back."""

@@ -19,6 +19,7 @@ from click.testing import CliRunner, Result
 
 from rotator.cli import cli
 from tests.fakes.aws_proxy import AwsProxy
+from tests.fakes.iam_simulator import simulate as simulate_principal_policy
 from tests.fakes.moto_aws import Aws, MotoServer
 
 OTHER_PROFILE_SECRET = "CANARY-OTHER-PROFILE-SECRET-0123456789abcdef"
@@ -51,6 +52,7 @@ def moto_server() -> Iterator[MotoServer]:
 @pytest.fixture(scope="session")
 def proxy(moto_server: MotoServer) -> Iterator[AwsProxy]:
     fault_proxy = AwsProxy(moto_server.url)
+    fault_proxy.stand_ins["SimulatePrincipalPolicy"] = simulate_principal_policy  # moto lacks IAM's simulator
     yield fault_proxy
     fault_proxy.stop()
 

@@ -18,13 +18,14 @@ from rotator.iam import Iam
 ConfigT = TypeVar("ConfigT", bound=ProbeConfig)
 
 
-@dataclass(frozen=True)
+@dataclass
 class ProbeContext:
     """What a probe may need besides the key: whose key it is and how to reach STS."""
 
     user: str
-    user_arn: str
     iam: Iam
+    user_arn: str | None = None
+    """The user's ARN, as STS first named it for the new key (no GetUser: one IAM call less per rotation)."""
 
 
 class Probe(ABC, Generic[ConfigT]):

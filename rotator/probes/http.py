@@ -9,23 +9,26 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from rotator import shutdown
 from rotator.config import ProbeConfig, RequestTimeout
+from rotator.config_fields import HttpUrl
 from rotator.credentials import Credentials
 from rotator.probes.base import Probe, ProbeContext
 
 
 class HttpProbeConfig(ProbeConfig):
     type: Literal["http"]
-    url: str
+    url: HttpUrl
     """The consumer's health endpoint; it should exercise AWS with the key it loaded."""
-    expect_status: list[int] = Field(default_factory=lambda: [200])
+    expect_status: list[int] = Field(default_factory=lambda: [200], min_length=1)
     timeout: RequestTimeout = timedelta(seconds=10)
 
-    @field_validator("url")
+    @field_validator("expect_status")
     @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// URL")
+    def _http_statuses(cls, value: list[int]) -> list[int]:
+        wrong = [status for status in value if not 100 <= status <= 599]
+        if wrong:
+            raise ValueError(f"not HTTP status codes (100-599): {wrong}")
         return value
 
 
@@ -39,8 +42,9 @@ class HttpProbe(Probe[HttpProbeConfig]):
 
     def check(self, credentials: Credentials, context: ProbeContext) -> None:
         request = urllib.request.Request(self.config.url, method="GET")  # noqa: S310 (scheme checked)
+        timeout = shutdown.bounded(self.config.timeout.total_seconds())
         try:
-            with urllib.request.urlopen(request, timeout=self.config.timeout.total_seconds()) as response:  # noqa: S310
+            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
                 status = int(response.status)
         except urllib.error.HTTPError as exc:
             status = exc.code

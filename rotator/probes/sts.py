@@ -31,11 +31,22 @@ class StsProbe(Probe[StsProbeConfig]):
             arn = context.iam.caller_arn(self.user, credentials)
         except IamError as exc:
             raise self.error(f"key {credentials.access_key_id} rejected: {exc.code}") from None
-        if arn != context.user_arn:
+        if context.user_arn is None:
+            if not is_user_arn(arn, self.user):
+                raise self.error(f"key {credentials.access_key_id} belongs to {arn}, not to IAM user {self.user}")
+            context.user_arn = arn  # every later answer must name the same ARN
+        elif arn != context.user_arn:
             raise self.error(f"key {credentials.access_key_id} belongs to {arn}, not {context.user_arn}")
 
     def permissions(self) -> list[str]:
         return []  # sts:GetCallerIdentity is always allowed
+
+
+def is_user_arn(arn: str, user: str) -> bool:
+    """Whether ``arn`` names IAM user ``user`` (``arn:PARTITION:iam::ACCOUNT:user/PATH/NAME``)."""
+    parts = arn.split(":", 5)
+    return (len(parts) == 6 and parts[0] == "arn" and parts[2] == "iam" and parts[5].startswith("user/")
+            and parts[5].rsplit("/", 1)[-1] == user)
 
 
 MIN_RETRY_DELAY = 0.1  # seconds; even with propagation_interval 0s a rejected key is not hammered

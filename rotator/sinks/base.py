@@ -4,9 +4,12 @@ A sink is a place consumers read their key from. It is built for one IAM user fr
 model. The engine calls:
 
 - ``read()``: the credentials the sink holds now (None if it holds none);
-- ``write(credentials, replacing=None) -> Receipt``: put the key in place; with ``replacing``, only
-  over that key id (recovery puts the old key back where it finds the new one);
+- ``write(credentials, replacing=None, guard=None) -> Receipt``: put the key in place; with
+  ``replacing``, only over that key id (recovery puts the old key back where it finds the new one);
+  ``guard`` is called right before each store write and raises to stop it (a rotation taken over);
 - ``rollback(receipt)``: put back what the sink held before that write;
+- ``fence_off(key_id)``: make sure no earlier write of ``key_id`` (sent by a process that died) can land
+  any more (recovery, before it undoes a rotation and deletes that key);
 - ``consumers()``, ``prepare_reload()``, ``reload()``: the programs that read the sink, made to load what
   it holds now (the engine's reload step, after every sink is written, and again after a rollback);
 - ``target``: what it writes, in slots; two users may never share a slot;
@@ -34,8 +37,9 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, ClassVar, Generic, NoReturn, TypeVar
 
 from rotator import log
@@ -57,6 +61,10 @@ class StoreFailure(Exception):
         super().__init__(message)
         self.in_doubt = in_doubt
         self.landed = landed
+
+
+class _NotSent(Exception):
+    """A write failed before anything of it was sent; the text is the StoreFailure's."""
 
 
 class Conflict(StoreFailure):
@@ -141,6 +149,12 @@ class Sink(ABC, Generic[ConfigT]):
         """Move the store past ``base.version`` without changing our fields (``Conflict`` if it moved)."""
         raise NotImplementedError
 
+    @property
+    def unfenced_window(self) -> timedelta | None:
+        """For a remote store that cannot fence: how long after it was sent a write may still land. None
+        for a store that can fence, and for one that only this process writes (a local file)."""
+        return None
+
     def _transaction(self) -> contextlib.AbstractContextManager[None]:
         """Spans a load and the write that follows (a lock, where the store has one)."""
         return contextlib.nullcontext()
@@ -170,29 +184,57 @@ class Sink(ABC, Generic[ConfigT]):
         with self._failing():
             return self._load().key
 
-    def write(self, credentials: Credentials, *, replacing: str | None = None) -> Receipt:
-        written = credentials.access_key_id
+    def check_access(self) -> list[str]:
+        """What would stop a rotation from reading or writing this sink, one line each, safe to show (no
+        secret); empty when nothing was found. Changes nothing consumers read (``check-config --connect``).
+        Here: the store can be read. A sink overrides it to check that it may write too (a directory that
+        can be written, a token's capabilities, the RBAC verbs it needs)."""
+        try:
+            self.read()
+        except SinkError as exc:
+            return [str(exc)]
+        return []
+
+    def write(self, credentials: Credentials, *, replacing: str | None = None,
+              guard: Callable[[], None] | None = None) -> Receipt:
         with self._failing():
-            for _attempt in self._attempts("write", "the store changed between rotator's read and its write",
-                                           self.conflict_hint, in_doubt=False):
-                with self._transaction():
+            try:
+                return self._write(credentials, replacing, guard)
+            except _NotSent as failure:  # failed before any write went out: the store is as it was
+                raise StoreFailure(str(failure)) from None
+
+    def _write(self, credentials: Credentials, replacing: str | None, guard: Callable[[], None] | None) -> Receipt:
+        written = credentials.access_key_id
+        try:
+            attempts = self._attempts("write", "the store changed between rotator's read and its write",
+                                      self.conflict_hint, in_doubt=False)
+            next(attempts)
+        except StoreFailure as failure:  # finding out how to write (e.g. Vault's KV version) failed
+            raise _NotSent(str(failure)) from None
+        while True:
+            with self._transaction():
+                try:
                     base = self._load()
-                    if base.key_id == written:
-                        return Receipt(self._issuer, written, base)  # already there: nothing to write or undo
-                    if replacing is not None and base.key_id != replacing:
-                        raise StoreFailure(f"holds key {base.key_id or '(none)'}, not {replacing}; not writing "
-                                           f"{written} over it")
-                    try:
-                        self._store(base, credentials)
-                    except Conflict:
-                        continue
-                    except StoreFailure as failure:
-                        if failure.in_doubt or failure.landed:
-                            self._settle(base, written, failure)
-                        raise
-                    log.get().info("sink written", sink=self.name, user=self.user, key_id=written)
-                    return Receipt(self._issuer, written, base)
-        raise AssertionError("unreachable")  # _attempts raises when they are used up
+                except StoreFailure as failure:  # only read so far
+                    raise _NotSent(str(failure)) from None
+                if base.key_id == written:
+                    return Receipt(self._issuer, written, base)  # already there: nothing to write or undo
+                if replacing is not None and base.key_id != replacing:
+                    raise StoreFailure(f"holds key {base.key_id or '(none)'}, not {replacing}; not writing "
+                                       f"{written} over it")
+                if guard is not None:
+                    guard()
+                try:
+                    self._store(base, credentials)
+                except Conflict:
+                    next(attempts)  # refused, so not applied: read again (raises when they are used up)
+                    continue
+                except StoreFailure as failure:
+                    if failure.in_doubt or failure.landed:
+                        self._settle(base, written, failure)
+                    raise
+                log.get().info("sink written", sink=self.name, user=self.user, key_id=written)
+                return Receipt(self._issuer, written, base)
 
     def rollback(self, receipt: Receipt) -> None:
         if not isinstance(receipt, Receipt) or receipt.issuer != self._issuer:
@@ -200,6 +242,28 @@ class Sink(ABC, Generic[ConfigT]):
         with self._failing():
             self._put_back(receipt.before, receipt.written_key_id)
         log.get().info("sink rolled back", sink=self.name, user=self.user, key_id=receipt.before.key_id)
+
+    def fence_off(self, key_id: str) -> None:
+        """Before ``key_id`` is deleted by a rotator that did not write this sink itself (recovery): move the
+        store past its current version, so that a write of it that a dead process sent and the server has
+        not applied yet is refused when it arrives. A store that holds ``key_id`` already needs no fence
+        (that write landed; putting the old key back moves the version on)."""
+        with self._failing():
+            for _attempt in self._attempts("fence off earlier writes", "no definite answer or a conflict"):
+                current = self._load()
+                if current.key_id == key_id or not self.can_fence:
+                    return
+                try:
+                    self._fence(current)
+                except Conflict:
+                    continue
+                except StoreFailure as failure:
+                    if not failure.in_doubt:
+                        raise
+                    continue  # read again: the fence, or the late write, may have landed
+                log.get().info("sink fenced", sink=self.name, user=self.user, key_id=key_id)
+                return
+        raise AssertionError("unreachable")
 
     def prepare_reload(self) -> None:
         with self._failing():

@@ -25,6 +25,7 @@ from rotator import log
 from rotator.config import SinkConfig
 from rotator.config_fields import LocalPath
 from rotator.credentials import Credentials, Secret
+from rotator.errors import SinkError
 from rotator.sinks.base import Sink, Snapshot, StoreFailure
 
 _KEY_ID = "aws_access_key_id"
@@ -116,6 +117,20 @@ class CredentialsFileSink(Sink[CredentialsFileSinkConfig]):
 
     def permissions(self) -> list[str]:
         return [f"read and write {self.config.path} (mode 0600) and create files in its directory"]
+
+    def check_access(self) -> list[str]:
+        """The file can be read, and written as a rotation writes it: its directory exists or can be created,
+        a file can be created and written there (a temporary one, removed, like any directory made for the
+        check), the lock file beside it opens, and the file itself, if present, is readable and writable."""
+        problems = super().check_access()
+        if problems:
+            return problems
+        try:
+            with self._failing():
+                self._check_writable(self._target())
+        except SinkError as exc:
+            return [str(exc)]
+        return []
 
     # -- adapter ---------------------------------------------------------------------------------------
 
@@ -236,6 +251,34 @@ class CredentialsFileSink(Sink[CredentialsFileSinkConfig]):
             yield
         finally:
             os.close(fd)  # releases the lock
+
+    def _check_writable(self, target: Path) -> None:
+        absent: list[Path] = []  # innermost first
+        with self._failing_as(f"create the directory {target.parent}"):
+            directory = target.parent
+            while not directory.exists():
+                absent.append(directory)
+                directory = directory.parent
+        try:
+            self._ensure_directory(target.parent)
+            with self._failing_as(f"create a file in {target.parent}"):
+                fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".rotator-check", dir=target.parent)
+                try:
+                    os.write(fd, b"rotator check-config\n")
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                    os.unlink(probe)
+            lock = target.parent / f".{target.name}.rotator.lock"
+            if lock.exists():
+                with self._failing_as(f"open the lock file {lock}"):
+                    os.close(os.open(lock, os.O_RDWR | os.O_CLOEXEC))
+            if target.exists() and not os.access(target, os.R_OK | os.W_OK):
+                raise StoreFailure(f"cannot write {target}: Permission denied (rotator's user may not write it)")
+        finally:
+            for made in absent:  # the check leaves no trace (a rotation makes them again); never a full one
+                with contextlib.suppress(OSError):
+                    made.rmdir()
 
     def _ensure_directory(self, directory: Path) -> None:
         """Create missing directories 0700, owned like the nearest existing one (the consumer's home)."""

@@ -16,7 +16,9 @@ With ``reloader: true``, a workload carrying Stakater Reloader's annotations for
 ``secret.reloader.stakater.com/auto`` with a pod template that references it, or
 ``reloader.stakater.com/search`` with the Secret annotated ``reloader.stakater.com/match``) is left
 for Reloader to roll when rotator writes a new key; rotator still waits for that rollout (a generation
-newer than the one seen before the Secret changed, then complete and ready). When rotator puts the old
+newer than the one read right after the Secret changed, then complete and ready). A workload whose
+generation moved between rotator's first look and that read may have been rolled by anything (a deploy
+just before the write, or Reloader already): rotator cannot tell, so it restarts it itself. When rotator puts the old
 key back, or finishes a rotation that another process began, it restarts every workload itself: it
 cannot know what Reloader did in the meantime.
 """
@@ -28,13 +30,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
-
-from kubernetes import client as k8s
+from typing import TYPE_CHECKING, Any
 
 from rotator import kube, shutdown
 from rotator.config import format_duration
 from rotator.sinks.kube_secret import KubeFailure, failure
+
+if TYPE_CHECKING:
+    from kubernetes import client as k8s
 
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 _STRATEGIC_MERGE = "application/strategic-merge-patch+json"
@@ -215,6 +218,28 @@ class Rollout:
             targets.append(Target(ref, int(obj["metadata"].get("generation") or 0), via_reloader))
         return targets
 
+    def after_write(self, targets: Sequence[Target]) -> list[Target]:
+        """Right after the Secret changed: the generation each Reloader target must move past. A target
+        already past the one noted before the write (or that cannot be read now) is restarted by rotator:
+        a rollout that may have begun before the write must not count as the reload."""
+        after = []
+        for target in targets:
+            if not target.via_reloader:
+                after.append(target)
+                continue
+            try:
+                obj = self._read(target.ref, missing_ok=True)
+            except KubeFailure:
+                obj = None
+            generation = int((obj or {}).get("metadata", {}).get("generation") or 0)
+            if obj is not None and generation == target.generation:
+                after.append(target)
+            else:
+                self._log.info("workload changed around the Secret write; restarting it rather than counting on "
+                               "Reloader", workload=str(target.ref))
+                after.append(Target(target.ref, generation, via_reloader=False))
+        return after
+
     def roll(self, targets: Sequence[Target]) -> None:
         """Restart each target (or leave it to Reloader), then wait until all are complete and ready."""
         for target in targets:
@@ -237,7 +262,7 @@ class Rollout:
         read = getattr(self._apps(), f"read_namespaced_{ref.method_suffix}")
         try:
             obj: dict[str, Any] = kube.call(read, ref.name, self.namespace, timeout=self.request_timeout)
-        except k8s.ApiException as exc:
+        except kube.ApiException as exc:
             if exc.status == 404:
                 if missing_ok:
                     return None

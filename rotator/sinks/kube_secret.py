@@ -11,12 +11,13 @@ the verb and object, never the API server's message (it can quote the request, a
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
-
-from kubernetes import client as k8s
+from typing import TYPE_CHECKING, Any
 
 from rotator import kube
 from rotator.sinks.base import Conflict, StoreFailure
+
+if TYPE_CHECKING:
+    from kubernetes import client as k8s
 
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 _MERGE_PATCH = "application/merge-patch+json"
@@ -30,7 +31,7 @@ def failure(action: str, exc: BaseException, verb: str, resource: str, name: str
             namespace: str) -> KubeFailure:
     """A failed API call, as what was attempted and why; in doubt when it may have been applied anyway."""
     what = kube.describe_failure(exc)
-    if isinstance(exc, k8s.ApiException):
+    if isinstance(exc, kube.ApiException):
         status = kube.api_status(exc)
         if status.code == 403:
             target = f"{resource}/{name}" if name else resource
@@ -59,7 +60,7 @@ class SecretApi:
         try:
             found: dict[str, Any] = kube.call(self._core().read_namespaced_secret, self.name,
                                               self.namespace, timeout=self._timeout)
-        except k8s.ApiException as exc:
+        except kube.ApiException as exc:
             if exc.status == 404:
                 return None
             raise self._failure("read the Secret", exc, "get") from None
@@ -76,7 +77,7 @@ class SecretApi:
         body = {"apiVersion": "v1", "kind": "Secret", "metadata": metadata, "type": "Opaque", "data": data}
         try:
             kube.call(self._core().create_namespaced_secret, self.namespace, body, timeout=self._timeout)
-        except k8s.ApiException as exc:
+        except kube.ApiException as exc:
             if exc.status == 409:
                 self._log.info("the Secret exists already (409 AlreadyExists); reading it again")
                 raise Conflict(f"cannot {action}: it exists already") from None
@@ -96,7 +97,7 @@ class SecretApi:
         try:
             kube.call(self._core().patch_namespaced_secret, self.name, self.namespace, body,
                       timeout=self._timeout, _content_type=_MERGE_PATCH)
-        except k8s.ApiException as exc:
+        except kube.ApiException as exc:
             if exc.status == 409:
                 self._log.info("the Secret changed since it was read (409 Conflict); reading it again")
                 raise Conflict(f"cannot {action}: the Secret changed since it was read") from None
@@ -115,7 +116,7 @@ class SecretApi:
         try:
             kube.call(self._core().delete_namespaced_secret, self.name, self.namespace,
                       body=options, timeout=self._timeout)
-        except k8s.ApiException as exc:
+        except kube.ApiException as exc:
             if exc.status == 404:
                 return
             if exc.status == 409:

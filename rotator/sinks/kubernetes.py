@@ -25,26 +25,28 @@ import binascii
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from kubernetes import client as k8s
 from pydantic import Field, field_validator, model_validator
 
 from rotator import kube, log
 from rotator.config import Duration, Model, RequestTimeout, SinkConfig
+from rotator.config_fields import ONE_DAY, LocalPath, dns_label, dns_subdomain, kube_cluster, within
 from rotator.credentials import Credentials, Secret
-from rotator.errors import DependencyError
+from rotator.errors import DependencyError, SinkError
+from rotator.kube_access import Access, refused
 from rotator.sinks.base import Sink, Snapshot
 from rotator.sinks.kube_rollout import Rollout, Target, WorkloadRef
-from rotator.sinks.kube_secret import KubeFailure, SecretApi
+from rotator.sinks.kube_secret import MANAGED_BY_LABEL, KubeFailure, SecretApi, failure
+
+if TYPE_CHECKING:
+    from kubernetes import client as k8s
 
 KEY_ID_ANNOTATION = "rotator.io/access-key-id"
 ROTATED_AT_ANNOTATION = "rotator.io/rotated-at"
 FENCE_ANNOTATION = "rotator.io/fenced-at"
 _ANNOTATIONS = (KEY_ID_ANNOTATION, ROTATED_AT_ANNOTATION)
 _DATA_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
 class SecretKeys(Model):
@@ -77,14 +79,14 @@ class KubernetesSinkConfig(SinkConfig):
     """Data keys for the key id and the secret; other keys of the Secret are left alone."""
     context: str | None = None
     """kubeconfig context to use (default: the current one)."""
-    kubeconfig: str | None = None
+    kubeconfig: LocalPath | None = None
     """kubeconfig file; default: KUBECONFIG, else the pod's service account, else ~/.kube/config."""
     create: bool = True
     """Create the Secret when it does not exist (labelled app.kubernetes.io/managed-by: rotator)."""
     restart: list[str] = Field(default_factory=list)
     """Workloads that read the Secret, rolled once every sink holds the new key (and again after a
     rollback): deployment/NAME, statefulset/NAME, daemonset/NAME."""
-    rollout_timeout: Duration = timedelta(minutes=5)
+    rollout_timeout: Annotated[Duration, within(ONE_DAY, positive=True)] = timedelta(minutes=5)
     """How long the restarted workloads may take to be complete and ready; beyond it: rollback."""
     reloader: bool = False
     """Leave workloads annotated for Stakater Reloader to Reloader (rotator still waits for them)."""
@@ -96,15 +98,18 @@ class KubernetesSinkConfig(SinkConfig):
     @field_validator("namespace")
     @classmethod
     def _namespace(cls, value: str) -> str:
-        if not _DNS_LABEL.match(value):
-            raise ValueError("not a namespace name (1-63 of lowercase letters, digits and '-')")
-        return value
+        return dns_label(value)
 
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _DNS_SUBDOMAIN.match(value):
-            raise ValueError("not a Secret name (1-253 of lowercase letters, digits, '-' and '.')")
+        return dns_subdomain(value)
+
+    @field_validator("context")
+    @classmethod
+    def _context(cls, value: str | None) -> str | None:
+        if value is not None and (not value or not value.isprintable()):
+            raise ValueError("a kubeconfig context name is non-empty printable text")
         return value
 
     @field_validator("restart")
@@ -116,16 +121,9 @@ class KubernetesSinkConfig(SinkConfig):
             raise ValueError(f"listed twice: {', '.join(duplicates)}")
         return refs
 
-    @field_validator("rollout_timeout")
-    @classmethod
-    def _positive(cls, value: timedelta) -> timedelta:
-        if value <= timedelta(0):
-            raise ValueError("must be longer than 0s")
-        return value
-
     def target(self) -> frozenset[str]:
-        """One slot per data key of the Secret (in its kubeconfig context, if one is named)."""
-        where = f"Secret {self.namespace}/{self.name}" + (f" (context {self.context})" if self.context else "")
+        """One slot per data key of the Secret, on the cluster its kubeconfig context points at."""
+        where = f"Secret {self.namespace}/{self.name} ({kube_cluster(self.kubeconfig, self.context)})"
         return frozenset({f"{where} key {key}" for key in (self.keys.access_key_id, self.keys.secret_access_key)})
 
 
@@ -197,6 +195,50 @@ class KubernetesSink(Sink[KubernetesSinkConfig]):
                    "verbs": ["get", "patch"]} for resource, names in sorted(by_resource.items())]
         return rules
 
+    def check_access(self) -> list[str]:
+        """What would stop a rotation, found without changing anything: the Secret cannot be read; it is
+        immutable, or missing while ``create`` is false; creating it would fail (a server-side dry run: a
+        namespace that does not exist); a ``restart`` workload is missing or cannot be rolled; and any
+        request of ``rbac_rules()`` the API server would refuse (a SelfSubjectAccessReview for each verb on
+        each name). One line each."""
+        try:
+            with self._failing():
+                current = self._load()
+        except SinkError as exc:
+            return [str(exc)]
+        problems: list[str] = []
+        if current.content is None and not self.config.create:
+            problems.append("the Secret does not exist and `create` is false")
+        elif current.content is not None and current.content.get("immutable"):
+            problems.append("the Secret is immutable (immutable: true), so its data cannot change; recreate it "
+                            "without `immutable`, or use another Secret")
+        steps = [self._create_dry_run] if current.content is None and self.config.create else []
+        for step in [*steps, self.prepare_reload]:  # prepare_reload: the workloads, read as a run reads them
+            try:
+                with self._failing():
+                    step()
+            except SinkError as exc:
+                problems.append(str(exc))
+        wanted = [Access(verb, rule["apiGroups"][0], rule["resources"][0], self.config.namespace, name)
+                  for rule in self.rbac_rules() for name in rule.get("resourceNames") or [None]
+                  for verb in rule["verbs"]]
+        return problems + refused(self._api(), wanted, timeout=self.config.request_timeout.total_seconds())
+
+    def _create_dry_run(self) -> None:
+        """The create a first write makes, as a server-side dry run (``dryRun=All``: admitted and validated,
+        never stored)."""
+        body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": self.config.name, "namespace": self.config.namespace,
+                             "labels": {MANAGED_BY_LABEL: "rotator"}}}
+        try:
+            kube.call(self._core().create_namespaced_secret, self.config.namespace, body, dry_run="All",
+                      timeout=self.config.request_timeout.total_seconds())
+        except kube.CALL_ERRORS as exc:
+            if getattr(exc, "status", None) == 409:
+                return  # created meanwhile: a write will patch it
+            raise failure("create the Secret (dry run)", exc, "create", "secrets", None,
+                          self.config.namespace) from None
+
     # -- adapter: the Secret --------------------------------------------------------------------------
 
     def _load(self) -> Snapshot:
@@ -230,10 +272,13 @@ class KubernetesSink(Sink[KubernetesSinkConfig]):
             self._secret.create(data, notes)
         else:
             self._secret.patch(base.content, dict(data), dict(notes), "update the Secret")
+        if self._prepared is not None:
+            self._prepared = self._rollout.after_write(self._prepared)
 
     def _restore(self, current: Snapshot, before: Snapshot) -> None:
         """Our data keys and annotations back as they were (or the Secret deleted again, when the write
         created it and nothing else was added to it since)."""
+        self._prepared = None  # noted for the forward write only: after a restore, every workload is restarted
         ours = (self.config.keys.access_key_id, self.config.keys.secret_access_key)
         old_data = ((before.content or {}).get("data")) or {}
         data: dict[str, str | None] = {key: old_data.get(key) for key in ours}
@@ -256,6 +301,8 @@ class KubernetesSink(Sink[KubernetesSinkConfig]):
         no Secret, create an empty one (labelled managed-by rotator), so that a late create is refused."""
         mark = {FENCE_ANNOTATION: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
         if base.content is None:
+            if not self.config.create:
+                return  # rotator never creates it, so no create of rotator's can be on its way
             self._secret.create({}, mark, action="create an empty Secret to fence off the late create")
         else:
             self._secret.patch(base.content, {}, dict(mark), "fence off the late write")
@@ -288,7 +335,11 @@ class KubernetesSink(Sink[KubernetesSinkConfig]):
         return self._client
 
     def _core(self) -> k8s.CoreV1Api:
+        from kubernetes import client as k8s
+
         return k8s.CoreV1Api(self._api())
 
     def _apps(self) -> k8s.AppsV1Api:
+        from kubernetes import client as k8s
+
         return k8s.AppsV1Api(self._api())

@@ -25,7 +25,9 @@ from pydantic import Field, field_validator, model_validator
 
 from rotator import log
 from rotator.config import Model, RequestTimeout, SinkConfig
+from rotator.config_fields import LocalPath, http_server, http_url, vault_path
 from rotator.credentials import Credentials, Secret
+from rotator.errors import SinkError
 from rotator.sinks.base import Conflict, Sink, Snapshot
 from rotator.sinks.vault_auth import Connection, TokenAuth, VaultAuth, VaultFailure, VaultSession
 
@@ -37,8 +39,15 @@ def _env(name: str) -> str | None:
 
 
 class VaultFields(Model):
-    access_key_id: str = Field(default="aws_access_key_id", min_length=1)
-    secret_access_key: str = Field(default="aws_secret_access_key", min_length=1)
+    access_key_id: str = "aws_access_key_id"
+    secret_access_key: str = "aws_secret_access_key"  # noqa: S105 (a field name, not a secret)
+
+    @field_validator("access_key_id", "secret_access_key")
+    @classmethod
+    def _field_name(cls, value: str) -> str:
+        if not 0 < len(value) <= 256 or not value.isprintable():
+            raise ValueError("a field name is 1-256 printable characters")
+        return value
 
     @model_validator(mode="after")
     def _distinct(self) -> VaultFields:
@@ -61,7 +70,7 @@ class VaultSinkConfig(SinkConfig):
     namespace: str | None = Field(default_factory=lambda: _env("VAULT_NAMESPACE"))
     """Vault Enterprise / OpenBao namespace; unset: VAULT_NAMESPACE."""
     auth: VaultAuth = TokenAuth()
-    ca_cert: str | None = Field(default_factory=lambda: _env("VAULT_CACERT") or _env("VAULT_CAPATH"))
+    ca_cert: LocalPath | None = Field(default_factory=lambda: _env("VAULT_CACERT") or _env("VAULT_CAPATH"))
     """CA certificate file (or directory) to verify Vault's TLS certificate; unset: VAULT_CACERT."""
     skip_verify: bool = Field(default_factory=lambda: _env("VAULT_SKIP_VERIFY") or False, validate_default=True)
     """Do not verify Vault's TLS certificate (never in production); unset: VAULT_SKIP_VERIFY."""
@@ -77,22 +86,22 @@ class VaultSinkConfig(SinkConfig):
     def _http_url(cls, value: str) -> str:
         if not value:
             raise ValueError("not set: give url or set VAULT_ADDR")
-        if not value.startswith(("http://", "https://")) or not urlsplit(value).hostname:
-            raise ValueError("must be an http:// or https:// URL")
-        return value.rstrip("/")
+        return http_url(value).rstrip("/")
 
     @field_validator("mount", "path")
     @classmethod
     def _clean_path(cls, value: str) -> str:
-        value = value.strip("/")
-        if not value or any(part in ("", ".", "..") for part in value.split("/")):
-            raise ValueError("must be a non-empty path without empty, '.' or '..' segments")
-        return value
+        return vault_path(value)
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str | None) -> str | None:
+        return vault_path(value) if value is not None and value.strip("/") else value
 
     def target(self) -> frozenset[str]:
-        """One slot per field at the secret's path, on that server and namespace."""
+        """One slot per field at the secret's path, on that server (however its URL is spelled) and namespace."""
         namespace = f"{self.namespace.strip('/')}/" if self.namespace and self.namespace.strip("/") else ""
-        where = f"vault {urlsplit(self.url).netloc.lower()}/{namespace}{self.mount}/{self.path}"
+        where = f"vault {http_server(self.url)}/{namespace}{self.mount}/{self.path}"
         names = (self.fields.access_key_id, self.fields.secret_access_key)
         return frozenset({f"{where} field {name}" for name in names})
 
@@ -126,6 +135,18 @@ class VaultSink(Sink[VaultSinkConfig]):
         """KV v2 can: a check-and-set write at the version a doubtful write was based on. KV v1 has no versions."""
         return self._kv() == 2
 
+    @property
+    def unfenced_window(self) -> timedelta | None:
+        """KV v1: a write is sent within one request timeout of being recorded (after the read before it) and
+        applied, if ever, within Vault's request limit (max_request_duration, 90s by default) of arriving;
+        five minutes cover that limit and clock skew between rotators' hosts."""
+        try:
+            if self.can_fence:
+                return None
+        except VaultFailure:  # Vault cannot tell its KV version now: assume the worst (the write will fail anyway)
+            pass
+        return 2 * self.config.timeout + timedelta(minutes=5)
+
     def permissions(self) -> list[str]:
         """The Vault policy this sink needs (deploy/vault-policy.hcl is the same for the example path)."""
         mount, path = self.config.mount, self.config.path
@@ -147,6 +168,53 @@ class VaultSink(Sink[VaultSinkConfig]):
             lines.append(f"vault {self.config.auth.method} role: its token policies must include the above "
                          f"(login at auth/{self.config.auth.mount}/login needs no policy)")
         return lines
+
+    def check_access(self) -> list[str]:
+        """The secret can be read, and the token holds every capability a rotation from the secret's present
+        state needs, as ``sys/capabilities-self`` (allowed by Vault's ``default`` policy) reports them: one
+        line per missing capability. Nothing is written."""
+        try:
+            with self._failing():
+                needs = self._capabilities_needed(self._load())
+                reply = self._session.request("POST", "sys/capabilities-self", accept=(403,),
+                                              what="look up the token's capabilities", payload={"paths": list(needs)})
+        except SinkError as exc:
+            return [str(exc)]
+        if reply.status == 403:
+            return [f"cannot verify the token's capabilities on {', '.join(needs)}: sys/capabilities-self was "
+                    "refused (HTTP 403); it is in Vault's default policy, or grant update on sys/capabilities-self"]
+        held = reply.data or reply.body  # path -> capabilities ("root": all of them; "deny": none)
+        problems = []
+        for path, wanted in needs.items():
+            listed = held.get(path)
+            granted: set[str] = {str(c) for c in listed} if isinstance(listed, list) else set()
+            if "deny" in granted or "root" not in granted:
+                problems += [f"the token may not {capability} {path}, needed to {why} (`rotator permissions` "
+                             "prints the policy)" for capability, why in wanted.items()
+                             if capability not in granted or "deny" in granted]
+        return problems
+
+    def _capabilities_needed(self, current: Snapshot) -> dict[str, dict[str, str]]:
+        """Vault path -> capability -> what it is needed for, from the secret's state now: ``create`` only
+        while nothing was ever written there (after that, writes are updates), deleting only while it holds
+        nothing (a rollback then removes what the rotation wrote)."""
+        mount, path = self.config.mount, self.config.path
+        empty = current.content is None
+        if self._kv() == 1:
+            needs = {"read": "read the secret", "update": "write the new key"}
+            if empty:
+                needs |= {"create": "write the secret, which does not exist yet",
+                          "delete": "remove the secret again on rollback"}
+            return {f"{mount}/{path}": needs}
+        data = {"read": "read the secret", "update": "write a new version of the secret"}
+        if current.version == 0:
+            data["create"] = "write the secret, which does not exist yet"
+        wanted = {f"{mount}/data/{path}": data}
+        if empty:
+            wanted[f"{mount}/delete/{path}"] = {"update": "delete the version a rollback undoes"}
+        if self.config.record_metadata:
+            wanted[f"{mount}/metadata/{path}"] = {"patch": "record the key id in custom_metadata (record_metadata)"}
+        return wanted
 
     # -- adapter ----------------------------------------------------------------------------------------
 
@@ -256,7 +324,8 @@ class VaultSink(Sink[VaultSinkConfig]):
                                       payload={"options": {"cas": version}, "data": data})
         if reply.status == 400:
             if "check-and-set" not in reply.errors():
-                raise VaultFailure(f"cannot write {path}: Vault answered HTTP 400: {reply.errors()}")
+                raise VaultFailure(f"cannot write {path}: Vault answered HTTP 400 (its message is not shown: it "
+                                   "can quote the request, and so the secrets at the path)")
             self._log.warning("vault secret changed since it was read (check-and-set)", expected_version=version)
             raise Conflict(f"cannot write {path}: the secret changed since it was read (check-and-set)")
         return int(reply.data.get("version", 0))

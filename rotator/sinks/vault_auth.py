@@ -5,7 +5,8 @@ headers). It logs in lazily on the first request (a token, AppRole or Kubernetes
 token once two thirds of its TTL have passed, and logs in again when a renewal is capped by the
 token's max TTL. Every failure (an HTTP error status, a refused connection, TLS, a timeout) becomes a
 ``VaultFailure`` whose text names the operation and the Vault API path, never a request body, a token
-or a secret: the sink turns it into its ``SinkError``.
+or a secret: the sink turns it into its ``SinkError``. hvac (and requests) are imported on the first
+request, not when a sink is built: ``check-config`` builds every sink without reaching any.
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import hvac
-import requests
-from pydantic import Field, SecretStr, model_validator
+from pydantic import AfterValidator, Field, SecretStr, model_validator
 
-from rotator import log
+from rotator import log, shutdown
 from rotator.config import Model
+from rotator.config_fields import LocalPath, vault_path
 from rotator.credentials import Secret
 from rotator.sinks.base import StoreFailure
 
@@ -30,9 +30,13 @@ KUBERNETES_JWT = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 _RENEW_AFTER = 2 / 3  # of the TTL granted, like Vault Agent: early enough to survive a slow request
 
 
+VaultMount = Annotated[str, AfterValidator(vault_path)]
+"""Where an auth method is mounted (``auth/<mount>/login``)."""
+
+
 class TokenAuth(Model):
     method: Literal["token"] = "token"
-    token_file: str | None = None
+    token_file: LocalPath | None = None
     """A file holding the token (e.g. kept fresh by Vault Agent); read again when the token expires.
     Unset: VAULT_TOKEN, then ``~/.vault-token``, as the Vault CLI does."""
 
@@ -43,8 +47,8 @@ class AppRoleAuth(Model):
     """Unset: VAULT_ROLE_ID."""
     secret_id: SecretStr | None = None
     """Better given as ``${VAR}`` or through ``secret_id_file``; unset (and no file): VAULT_SECRET_ID."""
-    secret_id_file: str | None = None
-    mount: str = "approle"
+    secret_id_file: LocalPath | None = None
+    mount: VaultMount = "approle"
 
     @model_validator(mode="after")
     def _one_secret_id_source(self) -> AppRoleAuth:
@@ -57,8 +61,8 @@ class KubernetesAuth(Model):
     method: Literal["kubernetes"]
     role: str = Field(min_length=1)
     """The Vault role bound to rotator's service account."""
-    jwt_path: str = KUBERNETES_JWT
-    mount: str = "kubernetes"
+    jwt_path: LocalPath = KUBERNETES_JWT
+    mount: VaultMount = "kubernetes"
 
 
 VaultAuth = Annotated[TokenAuth | AppRoleAuth | KubernetesAuth, Field(discriminator="method")]
@@ -133,10 +137,18 @@ class VaultSession:
         self._log = logger
         self._clock = time.monotonic
         self._token: _Token | None = None
-        # token="" keeps hvac from reading VAULT_TOKEN or ~/.vault-token itself; rotator passes it per request
-        self._client = hvac.Client(url=connection.url, token="", verify=connection.verify,
-                                   timeout=connection.timeout, namespace=connection.namespace,
-                                   adapter=hvac.adapters.RawAdapter)
+        self._client: Any = None  # hvac's, built on the first request
+
+    def _hvac(self) -> Any:
+        if self._client is None:
+            import hvac
+
+            connection = self.connection
+            # token="" keeps hvac from reading VAULT_TOKEN or ~/.vault-token itself; rotator passes it per request
+            self._client = hvac.Client(url=connection.url, token="", verify=connection.verify,
+                                       timeout=connection.timeout, namespace=connection.namespace,
+                                       adapter=hvac.adapters.RawAdapter)
+        return self._client
 
     def request(self, method: str, path: str, *, what: str, payload: dict[str, Any] | None = None,
                 accept: tuple[int, ...] = (), merge_patch: bool = False) -> Reply:
@@ -148,6 +160,8 @@ class VaultSession:
 
     def _call(self, method: str, path: str, *, what: str, payload: dict[str, Any] | None = None,
               accept: tuple[int, ...] = (), merge_patch: bool = False, token: str | None = None) -> Reply:
+        import requests
+
         verify = self.connection.verify
         if isinstance(verify, str) and not os.path.exists(verify):
             raise VaultFailure(f"cannot {what}: the CA certificate {verify} (ca_cert / VAULT_CACERT) does not exist")
@@ -155,8 +169,9 @@ class VaultSession:
         if merge_patch:
             headers["Content-Type"] = "application/merge-patch+json"
         try:
-            response = self._client.adapter.request(method, f"/v1/{path}", headers=headers, json=payload,
-                                                    raise_exception=False)
+            response = self._hvac().adapter.request(method, f"/v1/{path}", headers=headers, json=payload,
+                                                    raise_exception=False,
+                                                    timeout=shutdown.bounded(self.connection.timeout))
         except requests.exceptions.SSLError as exc:
             raise VaultFailure(f"cannot {what}: TLS with {self.connection.url} failed: {_tls_reason(exc)}") from None
         except requests.exceptions.Timeout:
@@ -176,11 +191,15 @@ class VaultSession:
         reply = Reply(response.status_code, body if isinstance(body, dict) else {})
         if response.ok or (reply.status in accept and not _no_mount(reply)):
             return reply
-        raise VaultFailure(f"cannot {what}: {self._reason(reply, path)}", in_doubt=reply.status >= 500)
+        raise VaultFailure(f"cannot {what}: {self._reason(reply, path, quoted=payload is None)}",
+                           in_doubt=reply.status >= 500)
 
-    def _reason(self, reply: Reply, path: str) -> str:
+    def _reason(self, reply: Reply, path: str, *, quoted: bool) -> str:
+        """Why Vault refused. Its own words only with ``quoted``: the answer to a request that carried a
+        body (a write, a login) can echo that body, and with it secrets rotator never registered (the other
+        fields at the path, a secret_id)."""
         status, errors = reply.status, reply.errors()
-        detail = f": {errors}" if errors else ""
+        detail = f": {errors}" if errors and quoted else ""
         if status == 403:
             token = self._token
             if token is not None and token.expired(self._clock()):

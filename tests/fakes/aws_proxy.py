@@ -46,6 +46,8 @@ INVALID_TOKEN = Reply(403, "InvalidClientTokenId", "The security token included 
 THROTTLED = Reply(400, "Throttling", "Rate exceeded")
 
 Rule = Callable[[Call], Reply | None]
+StandIn = Callable[[Call], tuple[int, bytes]]
+"""(HTTP status, XML body) of AWS's answer to a call moto does not implement."""
 
 
 @dataclass
@@ -69,6 +71,10 @@ class AwsProxy:
         """Rules applied after AWS has acted: the request took effect, but the client gets this answer
         instead (a reply lost to a timeout or a proxy)."""
         self.holds: list[Hold] = []
+        self.stand_ins: dict[str, StandIn] = {}
+        """Actions moto does not implement, answered here instead: moto still authenticates and authorizes
+        the request (its access control runs first, then it fails with a 500 for the missing action), and
+        only then does the stand-in give the answer. Kept across ``reset``."""
         self.calls: list[Call] = []
         self.created_at: dict[str, float] = {}  # key id -> when CreateAccessKey returned it
         self.created_secrets: list[str] = []  # every secret AWS handed out (for leak checks)
@@ -167,6 +173,15 @@ class AwsProxy:
             if reply is not None:
                 self._send_error(handler, reply)
                 return
+        stand_in = self.stand_ins.get(call.action)
+        if stand_in is not None and response.status >= 500:  # authorized by moto, then not implemented there
+            status, answer = stand_in(call)
+            handler.send_response(status)
+            handler.send_header("Content-Type", "text/xml")
+            handler.send_header("Content-Length", str(len(answer)))
+            handler.end_headers()
+            handler.wfile.write(answer)
+            return
         handler.send_response(response.status)
         for key, value in response.getheaders():
             if key.lower() not in ("content-length", "connection", "transfer-encoding", "server", "date"):

@@ -9,7 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class HealthServer:
-    def __init__(self, status: int = 200) -> None:
+    def __init__(self, status: int = 200, *, port: int = 0) -> None:
+        """``port``: listen there (say, where a stopped one listened: the consumer is back)."""
         self.status = status
         self.hits = 0
         self.on_probe: Callable[[], None] | None = None
@@ -29,7 +30,7 @@ class HealthServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/healthz"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 

@@ -23,6 +23,9 @@ so the official client raises ``ApiException`` with the right ``status``):
   name; 409 Conflict when PUT (or a patch carrying ``metadata.resourceVersion``, or a delete
   precondition) names a stale resourceVersion. A PUT without resourceVersion is unconditional, as in
   Kubernetes. PUT of a missing object is 404 (these types do not create on update).
+- ``?dryRun=All`` on a create (not on a workload): checked as the create would be, answered 201 with the
+  object (no resourceVersion), nothing stored. Any other use of ``dryRun`` is refused (400/405), so that a
+  dry run is never applied for real.
 - Secrets: ``stringData`` is folded into ``data``; data keys are validated (422) and values must be
   base64 (400); ``type`` defaults to Opaque and cannot change (422); with ``immutable: true`` any change
   of ``data`` or un-setting ``immutable`` is 422 Invalid ("field is immutable when `immutable` is set").
@@ -39,6 +42,12 @@ so the official client raises ``ApiException`` with the right ``status``):
   updated replica that never becomes available). Each status change bumps resourceVersion.
 - Authentication: ``Authorization: Bearer <token>`` must match (else 401). Authorization: rules the test
   sets (below) answer 403 Forbidden like RBAC does.
+- ``POST /apis/authorization.k8s.io/v1/selfsubjectaccessreviews``: answered from the same rules, so a
+  review says ``status.allowed`` false exactly where the request itself would get 403 (request
+  ``spec.resourceAttributes`` {namespace, verb, group, resource, subresource, name}; 422 unless exactly
+  one of resourceAttributes/nonResourceAttributes; 201 with the spec echoed and ``status``). Every
+  authenticated user may create a review (``rbac`` does not apply; ``forbid("create",
+  "selfsubjectaccessreviews")`` refuses them); they are recorded in ``requests``, never stored.
 
 Python API (for tests; these calls bypass authentication and RBAC, and are safe from any thread)::
 
@@ -88,7 +97,8 @@ Python API (for tests; these calls bypass authentication and RBAC, and are safe 
                                          # (its pods finally became ready), later rollouts complete as usual
     api.restart(kind, namespace, name)   # roll it as `kubectl rollout restart` would (e.g. as Reloader)
     api.forbid(verb, resource, name=None, namespace=None)   # 403 for that verb ("*" = any) on that
-                                         # resource (e.g. "secrets", "deployments", "leases") [/name]
+                                         # resource (e.g. "secrets", "deployments", "leases") [/name];
+                                         # SelfSubjectAccessReviews for it then say allowed: false
     api.rbac = [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["x"], "verbs": ["get"]}]
                                          # when not None, only what these PolicyRules allow (in any
                                          # namespace) passes; like RBAC, rules with resourceNames never
@@ -172,11 +182,15 @@ TYPES = {t.plural: t for t in (
     ResourceType("coordination.k8s.io", "v1", "leases", "Lease"),
 )}
 _BY_KIND = {t.kind.lower(): t for t in TYPES.values()}
+REVIEWS = ResourceType("authorization.k8s.io", "v1", "selfsubjectaccessreviews", "SelfSubjectAccessReview",
+                       namespaced=False)
+"""Answered (``FakeKubeApi._review``), never stored: not in TYPES."""
 
 
 def resource_type(resource: str) -> ResourceType:
-    """'secrets', 'secret', 'Deployment', 'deployment' -> its ResourceType."""
-    found = TYPES.get(resource) or _BY_KIND.get(resource.lower())
+    """'secrets', 'secret', 'Deployment', 'deployment' -> its ResourceType (also 'selfsubjectaccessreviews',
+    for ``forbid`` and ``requests_for``)."""
+    found = TYPES.get(resource) or _BY_KIND.get(resource.lower()) or (REVIEWS if resource == REVIEWS.plural else None)
     if found is None:
         raise KeyError(f"the fake serves no resource {resource!r} (known: {', '.join(TYPES)})")
     return found
@@ -584,6 +598,18 @@ class FakeKubeApi:
         self._objects[key] = obj
         return obj
 
+    def _dry_run_create(self, rtype: ResourceType, namespace: str, body: Any) -> dict[str, Any]:
+        """``POST ...?dryRun=All``: every check of a create (namespace, name, AlreadyExists, validation), and
+        the object as it would be; nothing is stored and resourceVersion does not move (as in Kubernetes,
+        the answer carries no resourceVersion)."""
+        objects, revision = dict(self._objects), self._revision
+        try:
+            created = copy.deepcopy(self._create(rtype, namespace, copy.deepcopy(body), rollout=False))
+        finally:
+            self._objects, self._revision = objects, revision
+        created["metadata"].pop("resourceVersion", None)
+        return created
+
     def _compete(self, rtype: ResourceType, namespace: str, name: str) -> None:
         key = (rtype.plural, namespace, name)
         competitor = self._competitors.get(key)
@@ -758,21 +784,63 @@ class FakeKubeApi:
 
     # -- HTTP ---------------------------------------------------------------------------------------------
 
+    def _refused(self, verb: str, group: str, plural: str, sub: str | None, name: str | None,
+                 namespace: str | None) -> bool:
+        """Whether the test's rules (``forbid``, ``rbac``) refuse this request: what a real request meets
+        and what a SelfSubjectAccessReview answers."""
+        resource = plural + (f"/{sub}" if sub else "")
+        if any(rule.verb in ("*", verb) and rule.resource == plural and rule.name in (None, name)
+               and rule.namespace in (None, namespace) for rule in self._forbidden):
+            return True
+        return self.rbac is not None and not any(_rule_allows(rule, verb, group, resource, name)
+                                                 for rule in self.rbac)
+
     def _authorize(self, request: Request, rtype: ResourceType, sub: str | None) -> None:
         resource = rtype.plural + (f"/{sub}" if sub else "")
-        denied = any(rule.verb in ("*", request.verb) and rule.resource == rtype.plural
-                     and rule.name in (None, request.name) and rule.namespace in (None, request.namespace)
-                     for rule in self._forbidden)
-        if not denied and self.rbac is not None:
-            denied = not any(_rule_allows(rule, request.verb, rtype.group, resource, request.name)
-                             for rule in self.rbac)
-        if denied:
+        if self._refused(request.verb, rtype.group, rtype.plural, sub, request.name, request.namespace):
             what = f'{resource} "{request.name}"' if request.name else resource
             where = f' in the namespace "{request.namespace}"' if request.namespace else " at the cluster scope"
             raise ApiError(403, "Forbidden",
                            f'{what} is forbidden: User "{self.user}" cannot {request.verb} resource "{resource}" '
                            f'in API group "{rtype.group}"{where}',
                            {"name": request.name or "", "group": rtype.group, "kind": rtype.plural})
+
+    def _review(self, request: Request) -> tuple[int, Any]:
+        """``POST /apis/authorization.k8s.io/v1/selfsubjectaccessreviews``: may the caller do this?
+
+        As the real API: exactly one of ``spec.resourceAttributes`` and ``spec.nonResourceAttributes``
+        (else 422); the answer (201) echoes the spec with ``status.allowed``. Creating a review is allowed
+        for every authenticated user (``system:basic-user``), so ``rbac`` does not apply to it; ``forbid``
+        does, to test a cluster that removed that binding. A refused request gets no ``reason``, as from
+        RBAC (which has no deny rules: it only fails to allow)."""
+        request.resource, request.verb = REVIEWS.plural, _verb(request.method, None, request.query)
+        if request.verb != "create":
+            raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+        if any(rule.verb in ("*", "create") and rule.resource == REVIEWS.plural for rule in self._forbidden):
+            raise ApiError(403, "Forbidden",
+                           f'selfsubjectaccessreviews.authorization.k8s.io is forbidden: User "{self.user}" cannot '
+                           'create resource "selfsubjectaccessreviews" in API group "authorization.k8s.io" at the '
+                           'cluster scope', {"group": REVIEWS.group, "kind": REVIEWS.plural})
+        body = request.body if isinstance(request.body, dict) else {}
+        if body.get("kind", REVIEWS.kind) != REVIEWS.kind:
+            raise ApiError(400, "BadRequest", f"the body is a {body.get('kind')}, not a SelfSubjectAccessReview")
+        spec = body.get("spec") if isinstance(body.get("spec"), dict) else {}
+        attributes, non_resource = spec.get("resourceAttributes"), spec.get("nonResourceAttributes")
+        if bool(attributes) == bool(non_resource):
+            message = "exactly one of nonResourceAttributes or resourceAttributes must be specified"
+            raise ApiError(422, "Invalid", f'SelfSubjectAccessReview.authorization.k8s.io "" is invalid: '
+                           f"spec.resourceAttributes: Invalid value: \"null\": {message}",
+                           {"group": REVIEWS.group, "kind": REVIEWS.kind,
+                            "causes": [{"reason": "FieldValueInvalid", "message": message,
+                                        "field": "spec.resourceAttributes"}]})
+        if attributes:
+            allowed = not self._refused(str(attributes.get("verb") or ""), str(attributes.get("group") or ""),
+                                        str(attributes.get("resource") or ""), attributes.get("subresource") or None,
+                                        attributes.get("name") or None, attributes.get("namespace") or None)
+        else:
+            allowed = self.rbac is None  # the fake's rules name no URL paths: only "allow everything" allows them
+        return 201, {"kind": REVIEWS.kind, "apiVersion": REVIEWS.api_version,
+                     "metadata": {"creationTimestamp": None}, "spec": spec, "status": {"allowed": allowed}}
 
     def handle(self, method: str, raw_path: str, headers: Mapping[str, str], raw_body: bytes) -> tuple[int, Any]:
         """One HTTP request -> (status code, JSON body)."""
@@ -799,6 +867,8 @@ class FakeKubeApi:
             if url.path == "/version":
                 request.verb = "get"
                 return self._answer(request, 200, {"major": "1", "minor": "31", "gitVersion": "v1.31.0-fake"})
+            if url.path == f"/apis/{REVIEWS.api_version}/{REVIEWS.plural}":
+                return self._answer(request, *self._review(request))
             if route is None:
                 raise ApiError(404, "NotFound", "the server could not find the requested resource")
             rtype, namespace, name, sub = route
@@ -812,7 +882,7 @@ class FakeKubeApi:
             self._hold(request, epoch)
             with self._lock:
                 code, answer = self._dispatch(request, rtype, namespace or "", name, sub)
-            if request.verb in ("create", "update", "patch", "delete"):
+            if request.verb in ("create", "update", "patch", "delete") and "dryRun" not in request.query:
                 for hook in list(self.hooks):
                     hook(request)
             return self._answer(request, code, answer)
@@ -851,6 +921,13 @@ class FakeKubeApi:
         if verb == "list":
             everywhere = rtype.namespaced and request.namespace is None
             return 200, self._list(rtype, None if everywhere else namespace, request.query)
+        if "dryRun" in request.query:
+            if request.query["dryRun"] != "All":
+                raise ApiError(400, "BadRequest", f"Invalid dry run value: {request.query['dryRun']!r}")
+            if verb != "create" or sub is not None or rtype.workload:
+                raise ApiError(405, "MethodNotAllowed", f"the fake API server supports dryRun on create only, "
+                               f"not on {verb} of {rtype.plural}")
+            return 201, self._dry_run_create(rtype, namespace, request.body)
         if verb == "create" and sub is None:
             return 201, copy.deepcopy(self._create(rtype, namespace, request.body))
         if verb == "update":

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -117,6 +118,9 @@ class OpenBao:
         self.admin().client.sys.seal()
 
     def unseal(self) -> None:
+        if not self.unseal_key:  # the banner with the key comes after the server answers
+            match = re.search(r"Unseal Key: (\S+)", (self.home / "server.log").read_text())
+            self.unseal_key = match[1] if match else ""
         self.admin().client.sys.submit_unseal_key(self.unseal_key)
 
     def stop(self) -> None:
@@ -331,6 +335,8 @@ class VaultProxy:
     released one after the other. ``hold.arrived``, ``hold.held`` and ``hold.wait_forwarded(timeout)`` tell
     what happened; ``drop_all()`` releases every hold without forwarding. ``requests`` lists every request,
     each with ``at`` (monotonic time received) and ``status`` (the answer, once there is one).
+    ``go_down()`` makes the port refuse connections (Vault down, ECONNREFUSED) and breaks open ones;
+    ``come_back()`` listens on the same port again.
     """
 
     def __init__(self, upstream: str, *, cafile: str | None = None) -> None:
@@ -354,10 +360,38 @@ class VaultProxy:
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_LIST = _any
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self._handler = Handler
+        self._connections: set[socket.socket] = set()
+        self.httpd = self._listen(0)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def _listen(self, port: int) -> ThreadingHTTPServer:
+        connections = self._connections
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def get_request(self) -> tuple[socket.socket, Any]:
+                conn, address = super().get_request()
+                connections.add(conn)
+                return conn, address
+
+        httpd = Server(("127.0.0.1", port), self._handler)
+        threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return httpd
+
+    def go_down(self) -> None:
+        """Vault is down: the port stops listening (a new connection is refused, ECONNREFUSED) and every open
+        connection is closed (a client's pooled connection breaks). ``come_back`` listens again, same port."""
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        for conn in list(self._connections):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        self._connections.clear()
+
+    def come_back(self) -> None:
+        self.httpd = self._listen(int(urllib.parse.urlsplit(self.url).port or 0))
 
     def hold(self, match: Callable[[ProxiedRequest], bool], *, limit: int | None = None,
              timeout: float = 120.0) -> VaultHold:

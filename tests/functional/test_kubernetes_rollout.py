@@ -8,6 +8,7 @@ taking ``kube_api`` use what only the fake can do.
 
 from __future__ import annotations
 
+import threading
 import traceback
 from datetime import datetime
 from typing import Any
@@ -191,12 +192,21 @@ class TestRolloutFailure:
         assert "forbidden (403)" in message and "patch deployments/app" in message
 
 
+def reloader_watches(api: FakeKubeApi) -> None:
+    """Stakater Reloader: once the Secret's data changed, it rolls deployment/app -- asynchronously, as the
+    real controller reacts to a watch event, a moment after the write was answered."""
+    def on_write(request: Request) -> None:
+        if request.verb == "patch" and request.resource == "secrets":
+            threading.Timer(0.3, lambda: api.restart("deployment", TEAM, "app")).start()
+
+    api.hooks.append(on_write)
+
+
 class TestReloader:
     def test_a_workload_reloader_rolls_is_not_patched_but_awaited(self, team: FakeKubeApi) -> None:
         """With reloader: true, Reloader restarts it when the Secret changes; rotator waits for that."""
         team.add_workload("deployment", TEAM, "app", secret=NAME, annotations=RELOAD_THIS_SECRET)
-        team.hooks.append(lambda r: team.restart("deployment", TEAM, "app")
-                          if r.verb == "patch" and r.resource == "secrets" else None)
+        reloader_watches(team)
 
         deploy(make_sink(TEAM, restart=["deployment/app"], reloader=True))
 
@@ -214,8 +224,7 @@ class TestReloader:
     def test_after_a_rollback_rotator_restarts_what_reloader_would_roll(self, team: FakeKubeApi) -> None:
         """Putting the old key back, rotator cannot know what Reloader did meanwhile: it restarts itself."""
         team.add_workload("deployment", TEAM, "app", secret=NAME, annotations=RELOAD_THIS_SECRET)
-        team.hooks.append(lambda r: team.restart("deployment", TEAM, "app")
-                          if r.verb == "patch" and r.resource == "secrets" else None)
+        reloader_watches(team)
         sink = make_sink(TEAM, restart=["deployment/app"], reloader=True)
         receipt = deploy(sink)
         assert patches(team) == []

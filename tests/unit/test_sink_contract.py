@@ -143,6 +143,24 @@ class TestSinkContract:
         assert permissions
         assert all(isinstance(p, str) and p.strip() for p in permissions)
 
+    def test_check_access_finds_nothing_wrong_with_a_working_sink_and_changes_nothing(
+        self, type_name: str, request: pytest.FixtureRequest
+    ) -> None:
+        """`check-config --connect`: an empty sink stays empty (nothing created to prove it could be), a
+        written one keeps its key."""
+        sink = build(WORKING, type_name, request)
+        assert sink.check_access() == []
+        assert sink.read() is None
+        held = new_credentials()
+        sink.write(held)
+        assert sink.check_access() == []
+        assert sink.read() == held
+
+    def test_check_access_finds_what_makes_a_write_fail(self, type_name: str, request: pytest.FixtureRequest) -> None:
+        problems = build(FAILING, type_name, request).check_access()
+        assert problems
+        assert all(isinstance(p, str) and p.strip() and "\n" not in p for p in problems)
+
     def test_a_failing_write_names_the_sink_and_user_but_not_the_secret(
         self, type_name: str, request: pytest.FixtureRequest
     ) -> None:
