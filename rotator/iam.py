@@ -23,7 +23,6 @@ from rotator.errors import IamError
 
 # Every IAM action rotator's own identity calls; `rotator permissions` prints a policy from these.
 PERMISSIONS: Final = (
-    "iam:GetUser",
     "iam:ListAccessKeys",
     "iam:CreateAccessKey",
     "iam:UpdateAccessKey",

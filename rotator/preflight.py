@@ -6,7 +6,7 @@ sink or setting and what is missing. Nothing consumers read is changed, and no k
 - ``locks``: the lock files' directory can be written (``service.lock_dir``), or, with
   ``service.leader_election``, rotator's identity may get, create and update Leases in their namespace
   (SelfSubjectAccessReviews; see ``kube_access``).
-- ``iam``, per user: IAM is reachable, the user exists, and its keys and ARN can be read.
+- ``iam``, per user: IAM is reachable, the user exists, and its keys can be read.
 - ``iam permissions``, per user: rotator's identity holds every action of ``iam.PERMISSIONS`` on that
   user, as IAM's policy simulator (SimulatePrincipalPolicy) evaluates its policies. rotator's least
   policy does not grant the simulator, so when the simulator is refused (or cannot evaluate the
@@ -31,7 +31,7 @@ from rotator.kube_access import Access, refused
 from rotator.lock import leader_namespace, make_locks
 from rotator.sinks.base import Sink
 
-READS: Final = ("iam:GetUser", "iam:ListAccessKeys", "iam:ListUserTags")
+READS: Final = ("iam:ListAccessKeys", "iam:ListUserTags")
 """The actions of ``PERMISSIONS`` that the checks make themselves; the rest are writes."""
 _LEASE_VERBS: Final = ("get", "create", "update")  # what lock.LeaseClaim does; names are per user: any Lease
 _LEASE_REQUEST_TIMEOUT: Final = 30.0
@@ -99,17 +99,23 @@ def _lease_problems(namespace: str) -> list[str]:
 def _iam(iam: Iam, target: Target, principals: _Principals) -> Iterator[Check]:
     try:
         iam.list_keys(target.name)
-        user_arn = iam.user_arn(target.name)  # the STS probe compares a new key's caller ARN with it
     except RotatorError as exc:
         yield Check(target.label, "iam", (str(exc),))
         return
     yield Check(target.label, "iam")
+    try:  # the simulator wants the user's ARN, path included; rotations need no GetUser, so it may be denied
+        user_arn: str | None = iam.user_arn(target.name)
+    except IamError as exc:
+        user_arn = None
+        principals.give_up(target.account, f"the user's ARN, which IAM's policy simulator needs, could not be "
+                                            f"read (GetUser: {exc.code}); allow iam:GetUser and "
+                                            "iam:SimulatePrincipalPolicy to have them checked")
     yield _permissions(iam, target, user_arn, principals)
 
 
-def _permissions(iam: Iam, target: Target, user_arn: str, principals: _Principals) -> Check:
+def _permissions(iam: Iam, target: Target, user_arn: str | None, principals: _Principals) -> Check:
     arn, unverifiable = principals.of(target.account)
-    if arn is not None:
+    if arn is not None and user_arn is not None:
         try:
             decisions = iam.simulate(arn, list(PERMISSIONS), user_arn)
         except IamError as exc:

@@ -76,7 +76,7 @@ class TestIamPermissions:
         self, aws: Aws, app: AppUser, app_config: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """The reads work, so only the simulator can tell: a run would create the key, then fail to tag it."""
-        allowed = [p for p in PERMISSIONS if p != "iam:TagUser"] + ["iam:SimulatePrincipalPolicy"]
+        allowed = [p for p in PERMISSIONS if p != "iam:TagUser"] + ["iam:GetUser", "iam:SimulatePrincipalPolicy"]
         me = rotator_identity(aws, monkeypatch, allowed, deny=("iam:DeleteAccessKey",))
 
         code, lines, output = check(app_config)
@@ -93,26 +93,28 @@ class TestIamPermissions:
         self, aws: Aws, app: AppUser, tmp_path: Path, write_config: ConfigWriter,
         monkeypatch: pytest.MonkeyPatch, proxy: AwsProxy,
     ) -> None:
-        """rotator's least policy (`rotator permissions`) does not include iam:SimulatePrincipalPolicy; once
-        refused, the simulator is not asked again for the account's other users."""
+        """rotator's least policy (`rotator permissions`) includes neither iam:SimulatePrincipalPolicy nor
+        iam:GetUser (a rotation needs neither); once refused, the account's other users are not asked again."""
         aws.create_user("web")
         config = write_config([{"name": "app", "sinks": [file_sink(app)]}, {"name": "web", "sinks": [
             {"type": "credentials_file", "path": str(tmp_path / "web" / "credentials")}]}])
-        me = rotator_identity(aws, monkeypatch, list(PERMISSIONS))
+        rotator_identity(aws, monkeypatch, list(PERMISSIONS))
 
         code, lines, output = check(config)
 
         assert code == 0, output
-        unverified = ("iam permissions: ok (reads only: iam:GetUser, iam:ListAccessKeys, iam:ListUserTags work; "
-                      f"{', '.join(WRITES)} could not be verified: IAM's policy simulator was refused (AccessDenied); "
-                      f"allow iam:SimulatePrincipalPolicy on {me} to have them checked)")
+        unverified = ("iam permissions: ok (reads only: iam:ListAccessKeys, iam:ListUserTags work; "
+                      f"{', '.join(WRITES)} could not be verified: the user's ARN, which IAM's policy simulator "
+                      "needs, could not be read (GetUser: AccessDenied); allow iam:GetUser and "
+                      "iam:SimulatePrincipalPolicy to have them checked)")
         assert f"app: {unverified}" in lines and f"web: {unverified}" in lines
-        assert len(simulations(proxy)) == 1
+        assert len(simulations(proxy)) == 0
+        assert proxy.actions().count("GetUser") == 2
         assert proxy.actions().count("ListUserTags") == 2
         assert not WRITE_ACTIONS & set(proxy.actions())
 
     @pytest.mark.parametrize(("missing", "check_name"), [("iam:ListUserTags", "iam permissions"),
-                                                         ("iam:GetUser", "iam"), ("iam:ListAccessKeys", "iam")])
+                                                         ("iam:ListAccessKeys", "iam")])
     def test_without_the_simulator_a_missing_read_fails_naming_it(
         self, aws: Aws, app: AppUser, app_config: Path, monkeypatch: pytest.MonkeyPatch, missing: str,
         check_name: str,
