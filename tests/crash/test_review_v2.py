@@ -65,18 +65,20 @@ class TestKillBetweenAnyTwoRequests:
 
     @pytest.mark.slow
     @pytest.mark.parametrize("parity", ["odd-n", "even-n"])
+    @pytest.mark.parametrize("then", ["recover", "run-once"])
     @pytest.mark.parametrize("scenario", ["rotation", "rollback"])
     @pytest.mark.parametrize("sinks", list(SINK_SETS))
     def test_recover_keeps_the_promise_after_a_kill_before_any_write(
         self, aws: Aws, proxy: AwsProxy, tmp_path: Path, write_config: ConfigWriter, vault: Any,
         vault_proxy: VaultProxy, kube_api: FakeKubeApi, health: Any, processes: list[subprocess.Popen[str]],
-        sinks: str, scenario: str, parity: str
+        sinks: str, scenario: str, then: str, parity: str
     ) -> None:
         """Holds. Invariants 1-4 and "reload consumers", for every n: `rotator rotate` is SIGKILLed just before its
         n-th write to AWS, Vault or the Kubernetes API (the write never arrives) -- of the rotation, or (with
         the http probe failing) of its rollback, counted from the probe. Then the cause is fixed and
-        `rotator recover` runs twice. After each: every sink holds the same Active key that STS accepts, no
-        other key is active or in no sink, no state is left; the workload was rolled after the Secret last
+        `rotator recover` runs twice (in the `run-once` variant, the first is the next `rotator run --once`).
+        After each: every sink holds the same Active key that STS accepts, no other key is active or in no
+        sink, no state is left; the workload was rolled after the Secret last
         changed and its rollout is complete; the second recover changes nothing. n runs until a rotation
         finishes without reaching it (odd and even n are two tests, to keep each short)."""
         kinds = SINK_SETS[sinks]
@@ -105,7 +107,8 @@ class TestKillBetweenAnyTwoRequests:
                 break
             health.status = 200  # the cause is fixed; recovery may roll forward or back
             before = {where: key for where, (key, _) in stage.holds().items()}
-            first = run("--config", config, "recover", "--user", stage.user)
+            first = run("--config", config, *(("recover", "--user", stage.user) if then == "recover" else
+                                              ("run", "--once")))
             try:
                 assert first.exit_code == 0, f"recover exit {first.exit_code}: {first.stderr[-500:]}"
                 held = assert_promise(aws, stage.user, stage.holds())
