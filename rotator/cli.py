@@ -5,19 +5,21 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from rotator import log, preflight, registry, shutdown
-from rotator.config import Config
+from rotator import log, shutdown
 from rotator.credentials import short_key_id
 from rotator.errors import Busy, ConfigError, RotatorError
-from rotator.fleet import Fleet, UserStatus, iam_policy
-from rotator.lock import leader_namespace, make_locks
 from rotator.outcome import Outcome, Result
-from rotator.runner import UserResult, run_pass
-from rotator.scheduler import Service
+
+# What a command needs is imported in the command: `rotator --help` loads neither pydantic's models, the
+# sinks nor any AWS, Vault or Kubernetes client.
+if TYPE_CHECKING:
+    from rotator.config import Config
+    from rotator.fleet import UserStatus
+    from rotator.runner import UserResult
 
 
 class _Context:
@@ -28,6 +30,8 @@ class _Context:
     def config(self) -> Config:
         """The config file, validated with every registered sink and probe type; it also sets how long
         cleanup may go on after a termination signal."""
+        from rotator import registry
+
         if not self.config_path:
             raise ConfigError("--config: no config file given (use --config FILE or set ROTATOR_CONFIG)")
         config = registry.load_config(self.config_path)
@@ -92,6 +96,9 @@ def cli(ctx: click.Context, config_path: str | None, debug: bool) -> None:
 @click.pass_obj
 def rotate(obj: _Context, user_name: str, dry_run: bool) -> None:
     """Rotate one user's access key now."""
+    from rotator.fleet import Fleet
+    from rotator.lock import make_locks
+
     config = obj.config()
     fleet = Fleet(config)
     locks = make_locks(config, fleet.account_id)  # an unusable lock_dir or Lease namespace: exit 2, nothing done
@@ -109,6 +116,11 @@ def rotate(obj: _Context, user_name: str, dry_run: bool) -> None:
 @click.pass_obj
 def run(obj: _Context, once: bool) -> None:
     """Keep every configured user rotated: the service, or with --once a single pass."""
+    from rotator.fleet import Fleet
+    from rotator.lock import make_locks
+    from rotator.runner import run_pass
+    from rotator.scheduler import Service
+
     config = obj.config()
     fleet = Fleet(config)
     locks = make_locks(config, fleet.account_id)
@@ -132,6 +144,9 @@ def run(obj: _Context, once: bool) -> None:
 @click.pass_obj
 def recover(obj: _Context, user_name: str | None, force: bool, dry_run: bool) -> None:
     """Finish or undo interrupted rotations and delete retired keys whose grace has passed."""
+    from rotator.fleet import Fleet
+    from rotator.lock import make_locks
+
     config = obj.config()
     fleet = Fleet(config)
     locks = make_locks(config, fleet.account_id)
@@ -163,6 +178,8 @@ def recover(obj: _Context, user_name: str | None, force: bool, dry_run: bool) ->
 @click.pass_obj
 def status(obj: _Context, output: str) -> None:
     """Each user's keys, their ages, when a rotation is due, and interrupted rotations."""
+    from rotator.fleet import Fleet
+
     config = obj.config()
     fleet = Fleet(config)
     selection = fleet.select()
@@ -191,6 +208,10 @@ def status(obj: _Context, output: str) -> None:
 def check_config(obj: _Context, connect: bool) -> None:
     """Validate the config (exit 2 if it is bad); with --connect also check, changing nothing, that a run
     would have every permission it needs: one line per user and check, exit 1 if any failed."""
+    from rotator import preflight
+    from rotator.fleet import Fleet
+    from rotator.lock import leader_namespace
+
     config = obj.config()
     if config.service.leader_election is not None:
         leader_namespace(config.service.leader_election)  # known at run time only from the pod: say so now
@@ -213,6 +234,8 @@ def check_config(obj: _Context, connect: bool) -> None:
 @click.pass_obj
 def permissions(obj: _Context) -> None:
     """Print the least IAM policy rotator needs for the configured users."""
+    from rotator.fleet import Fleet, iam_policy
+
     config = obj.config()
     click.echo(json.dumps(iam_policy(config), indent=2))
     fleet = Fleet(config)

@@ -12,9 +12,10 @@ import re
 import sys
 import threading
 from collections.abc import MutableMapping
-from typing import Any, Final, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
-import structlog
+if TYPE_CHECKING:  # structlog is imported when logging is set up or used, not with this module
+    import structlog
 
 REDACTED: Final = "[REDACTED]"
 _SECRET_KEY_NAME = re.compile(r"secret|password|token|credential", re.IGNORECASE)
@@ -71,11 +72,15 @@ class _StderrLoggerFactory:
     """Writes to whatever ``sys.stderr`` is at the time of the call (click's test runner swaps it)."""
 
     def __call__(self, *_args: Any) -> structlog.PrintLogger:
+        import structlog
+
         return structlog.PrintLogger(sys.stderr)
 
 
 def configure(*, debug: bool = False, json: bool | None = None, stream: TextIO | None = None) -> None:
     """Set up structlog once per process (CLI entry)."""
+    import structlog
+
     target = stream if stream is not None else sys.stderr
     as_json = not target.isatty() if json is None else json
     renderer: Any = (
@@ -100,4 +105,6 @@ def configure(*, debug: bool = False, json: bool | None = None, stream: TextIO |
 
 
 def get(name: str = "rotator") -> Any:
+    import structlog
+
     return structlog.get_logger(name)
