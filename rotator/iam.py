@@ -301,6 +301,11 @@ class Iam:
             with _wrapped("UntagUser", f"user {user}"):
                 self._client.untag_user(UserName=user, TagKeys=keys)
 
+    def key_client(self, service: str, credentials: Credentials) -> Any:
+        """A client that speaks as ``credentials`` (a probe acting as the rotated user), made as the STS
+        check's: from the process's one session, with its short timeouts and few retries."""
+        return self._make_client(service, credentials, check=True)
+
     def caller_arn(self, user: str, credentials: Credentials) -> str:
         """The ARN STS sees for ``credentials`` (GetCallerIdentity needs no permission)."""
         with _wrapped("sts:GetCallerIdentity", f"user {user}"):

@@ -14,15 +14,23 @@ from typing import Any
 from rotator.config import Config, ProbeConfig, SinkConfig, parse, read_file
 from rotator.errors import ConfigError
 from rotator.probes.base import Probe
+from rotator.probes.command import CommandProbe
 from rotator.probes.http import HttpProbe
+from rotator.probes.s3 import S3Probe
 from rotator.probes.sts import StsProbe
 from rotator.sinks.base import Sink
 from rotator.sinks.credentials_file import CredentialsFileSink
+from rotator.sinks.dotenv import DotenvSink
+from rotator.sinks.exec import ExecSink
+from rotator.sinks.files import FilesSink
 from rotator.sinks.kubernetes import KubernetesSink
+from rotator.sinks.secretsmanager import SecretsManagerSink
+from rotator.sinks.ssm import SsmSink
 from rotator.sinks.vault import VaultSink
 
-_BUILTIN_SINKS: tuple[type[Sink[Any]], ...] = (CredentialsFileSink, VaultSink, KubernetesSink)
-_BUILTIN_PROBES: tuple[type[Probe[Any]], ...] = (StsProbe, HttpProbe)
+_BUILTIN_SINKS: tuple[type[Sink[Any]], ...] = (CredentialsFileSink, VaultSink, KubernetesSink, DotenvSink,
+                                               FilesSink, ExecSink, SecretsManagerSink, SsmSink)
+_BUILTIN_PROBES: tuple[type[Probe[Any]], ...] = (StsProbe, HttpProbe, S3Probe, CommandProbe)
 
 
 def _with_plugins(builtin: tuple[type[Any], ...], group: str, base: type[Any]) -> dict[str, type[Any]]:

@@ -5,27 +5,25 @@ comments, blank lines, key order, line endings) survives byte for byte. Only the
 change; its ``aws_session_token`` is removed (next to a long-lived key it makes every call fail) and
 comes back on rollback. A sidecar ``.<file>.rotator.lock`` (flock) serialises read-modify-write
 cycles, and the file is replaced atomically (temp file, fsync, rename, directory fsync) with mode 0600,
-so a write is never in doubt: it happened or it did not.
+so a write is never in doubt: it happened or it did not (``local_file``: the same for every sink
+that writes local files).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import field_validator
 
-from rotator import log
 from rotator.config import SinkConfig
 from rotator.config_fields import LocalPath
 from rotator.credentials import Credentials, Secret
 from rotator.errors import SinkError
+from rotator.sinks import local_file
 from rotator.sinks.base import Sink, Snapshot, StoreFailure
 
 _KEY_ID = "aws_access_key_id"
@@ -127,7 +125,7 @@ class CredentialsFileSink(Sink[CredentialsFileSinkConfig]):
             return problems
         try:
             with self._failing():
-                self._check_writable(self._target())
+                local_file.check_writable(self._target())
         except SinkError as exc:
             return [str(exc)]
         return []
@@ -135,7 +133,7 @@ class CredentialsFileSink(Sink[CredentialsFileSinkConfig]):
     # -- adapter ---------------------------------------------------------------------------------------
 
     def _transaction(self) -> contextlib.AbstractContextManager[None]:
-        return self._locked(self._target())
+        return local_file.locked(self._target())
 
     def _load(self) -> Snapshot:
         existed, lines = self._read_lines(self._target())
@@ -187,31 +185,12 @@ class CredentialsFileSink(Sink[CredentialsFileSinkConfig]):
                 del lines[span[0] - 1]
         target = self._target()
         if existed and not had_file and not any(line.strip() for line in lines):
-            with self._failing_as("remove the file"):
-                target.unlink()
-                self._fsync_directory(target.parent)
+            local_file.remove(target, sink=self.name)
         elif lines != current.content[1]:
             self._replace(target, _join(lines, newline), existed)
 
-    @contextlib.contextmanager
-    def _failing_as(self, action: str) -> Iterator[None]:
-        """OSError -> StoreFailure with only the OS's reason: never the exception itself, nor file content."""
-        try:
-            yield
-        except OSError as exc:
-            raise StoreFailure(f"cannot {action}: {exc.strerror or type(exc).__name__}") from None
-
     def _target(self) -> Path:
-        path = Path(self.config.path).expanduser()
-        with self._failing_as("inspect the path"):
-            if not path.is_symlink():
-                return path
-            if not self.config.follow_symlinks:
-                raise StoreFailure("is a symlink; set follow_symlinks: true to write through it")
-            try:
-                return path.resolve()
-            except RuntimeError:  # Python < 3.13 reports a symlink loop this way
-                raise StoreFailure("cannot resolve the symlink: it is a loop") from None
+        return local_file.resolve(self.config.path, follow_symlinks=self.config.follow_symlinks)
 
     def _span(self, lines: list[str]) -> tuple[int, int] | None:
         """[start, end) of the profile's section, trailing blank lines excluded (they separate sections)."""
@@ -225,106 +204,11 @@ class CredentialsFileSink(Sink[CredentialsFileSinkConfig]):
             end -= 1
         return starts[0], end
 
-    def _read_lines(self, target: Path) -> tuple[bool, list[str]]:
+    @staticmethod
+    def _read_lines(target: Path) -> tuple[bool, list[str]]:
         """(whether the file exists, its lines with their line breaks)."""
-        with self._failing_as("read the file"):
-            try:
-                fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except FileNotFoundError:
-                return False, []
-            try:
-                with os.fdopen(fd, encoding="utf-8", newline="") as file:
-                    text = file.read()
-            except UnicodeDecodeError:
-                raise StoreFailure("cannot read the file: it is not UTF-8 text") from None
-        return True, _LINE.findall(text)
-
-    @contextlib.contextmanager
-    def _locked(self, target: Path) -> Iterator[None]:
-        self._ensure_directory(target.parent)
-        lock = target.parent / f".{target.name}.rotator.lock"
-        with self._failing_as("lock the file"):
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            with self._failing_as("lock the file"):
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
-
-    def _check_writable(self, target: Path) -> None:
-        absent: list[Path] = []  # innermost first
-        with self._failing_as(f"create the directory {target.parent}"):
-            directory = target.parent
-            while not directory.exists():
-                absent.append(directory)
-                directory = directory.parent
-        try:
-            self._ensure_directory(target.parent)
-            with self._failing_as(f"create a file in {target.parent}"):
-                fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".rotator-check", dir=target.parent)
-                try:
-                    os.write(fd, b"rotator check-config\n")
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                    os.unlink(probe)
-            lock = target.parent / f".{target.name}.rotator.lock"
-            if lock.exists():
-                with self._failing_as(f"open the lock file {lock}"):
-                    os.close(os.open(lock, os.O_RDWR | os.O_CLOEXEC))
-            if target.exists() and not os.access(target, os.R_OK | os.W_OK):
-                raise StoreFailure(f"cannot write {target}: Permission denied (rotator's user may not write it)")
-        finally:
-            for made in absent:  # the check leaves no trace (a rotation makes them again); never a full one
-                with contextlib.suppress(OSError):
-                    made.rmdir()
-
-    def _ensure_directory(self, directory: Path) -> None:
-        """Create missing directories 0700, owned like the nearest existing one (the consumer's home)."""
-        missing: list[Path] = []
-        with self._failing_as(f"create the directory {directory}"):
-            while not directory.exists():
-                missing.append(directory)
-                directory = directory.parent
-            if not directory.is_dir():
-                raise StoreFailure(f"cannot create a file in {directory}: Not a directory")
-            owner = directory.stat()
-            for created in reversed(missing):
-                created.mkdir(mode=0o700)
-                created.chmod(0o700)  # whatever the umask
-                with contextlib.suppress(PermissionError):
-                    os.chown(created, owner.st_uid, owner.st_gid)
+        text = local_file.read_text(target)
+        return text is not None, _LINE.findall(text or "")
 
     def _replace(self, target: Path, text: str, existed: bool) -> None:
-        """Atomically make ``text`` the file's content, mode 0600, keeping its owner where we can."""
-        with self._failing_as("write the file"):
-            owner = os.stat(target if existed else target.parent)
-            fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".rotator.tmp", dir=target.parent)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8", newline="") as file:
-                    with contextlib.suppress(PermissionError):
-                        os.fchown(file.fileno(), owner.st_uid, owner.st_gid)
-                    os.fchmod(file.fileno(), 0o600)
-                    file.write(text)
-                    file.flush()
-                    os.fsync(file.fileno())
-                os.replace(temp, target)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(temp)
-                raise
-        # The new content is in place and visible: a write that raises must leave the sink as it was, so
-        # a failure to make the rename durable is only reported.
-        try:
-            self._fsync_directory(target.parent)
-        except OSError as exc:
-            log.get().warning("directory fsync failed", sink=self.name, error=exc.strerror)
-
-    @staticmethod
-    def _fsync_directory(directory: Path) -> None:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        local_file.replace(target, text, existed=existed, sink=self.name)

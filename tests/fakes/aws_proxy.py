@@ -2,14 +2,16 @@
 
 moto answers at once and never flaps; real IAM keys take seconds to work and STS may say yes, then no.
 The proxy forwards every request to moto and, by rules the test sets, rejects, throttles or holds
-requests. Requests are IAM/STS query-protocol POSTs, so the action and the signing key are visible:
-``Action=...`` in the form body and ``Credential=AKIA.../`` in the Authorization header. Each ``Call``
+requests. The action and the signing key are visible: ``Action=...`` in the form body of an IAM/STS
+query-protocol POST (or the ``X-Amz-Target`` header of a JSON-protocol one: Secrets Manager, SSM, whose
+top-level members become ``params``) and ``Credential=AKIA.../`` in the Authorization header. Each ``Call``
 carries ``at``, the ``time.monotonic()`` it arrived (for ordering against the other fakes' timestamps).
 """
 
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import threading
 import time
@@ -31,6 +33,9 @@ class Call:
     body: str
     at: float = field(default_factory=time.monotonic, compare=False)
     """``time.monotonic()`` when the proxy received the call (before any hold)."""
+    target: str = ""
+    """The ``X-Amz-Target`` service prefix of a JSON-protocol call (``secretsmanager``, ``AmazonSSM``); empty
+    for the query protocol (IAM, STS)."""
 
 
 @dataclass
@@ -138,9 +143,11 @@ class AwsProxy:
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else b""
         text = body.decode("utf-8", "replace")
-        params = {k: v[0] for k, v in urllib.parse.parse_qs(text).items()}
+        target = handler.headers.get("X-Amz-Target", "")
+        params = _json_params(text) if target else {k: v[0] for k, v in urllib.parse.parse_qs(text).items()}
         found = _CREDENTIAL.search(handler.headers.get("Authorization", ""))
-        call = Call(params.get("Action", ""), found.group(1) if found else None, params, text)
+        action = target.rpartition(".")[2] if target else params.get("Action", "")
+        call = Call(action, found.group(1) if found else None, params, text, target=target.partition(".")[0])
         with self._lock:
             self.calls.append(call)
         for hold in list(self.holds):
@@ -192,16 +199,32 @@ class AwsProxy:
 
     @staticmethod
     def _send_error(handler: BaseHTTPRequestHandler, reply: Reply) -> None:
-        payload = (
-            '<ErrorResponse xmlns="https://iam.amazonaws.com/doc/2010-05-08/"><Error><Type>Sender</Type>'
-            f"<Code>{reply.code}</Code><Message>{reply.message}</Message></Error>"
-            "<RequestId>00000000-0000-0000-0000-000000000000</RequestId></ErrorResponse>"
-        ).encode()
+        if handler.headers.get("X-Amz-Target"):  # the JSON protocol (Secrets Manager, SSM): a JSON error
+            payload = json.dumps({"__type": reply.code, "message": reply.message}).encode()
+            content_type = "application/x-amz-json-1.1"
+        else:
+            payload = (
+                '<ErrorResponse xmlns="https://iam.amazonaws.com/doc/2010-05-08/"><Error><Type>Sender</Type>'
+                f"<Code>{reply.code}</Code><Message>{reply.message}</Message></Error>"
+                "<RequestId>00000000-0000-0000-0000-000000000000</RequestId></ErrorResponse>"
+            ).encode()
+            content_type = "text/xml"
         handler.send_response(reply.status)
-        handler.send_header("Content-Type", "text/xml")
+        handler.send_header("Content-Type", content_type)
         handler.send_header("Content-Length", str(len(payload)))
         handler.end_headers()
         handler.wfile.write(payload)
+
+
+def _json_params(text: str) -> dict[str, str]:
+    """The top-level text and number members of a JSON-protocol request (``SecretId``, ``Name``...)."""
+    try:
+        body = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    if not isinstance(body, dict):
+        return {}
+    return {k: str(v) for k, v in body.items() if isinstance(v, str | int) and not isinstance(v, bool)}
 
 
 def propagation_delay(proxy: AwsProxy, seconds: float, *, admin_key: str) -> Rule:

@@ -71,6 +71,8 @@ def test_check_config_without_connect_loads_no_client_library(tmp_path: Path) ->
             {"type": "credentials_file", "path": str(tmp_path / "credentials"), "profile": "app"},
             {"type": "vault", "url": "http://127.0.0.1:8200", "mount": "secret", "path": "apps/app/aws"},
             {"type": "kubernetes", "namespace": "default", "name": "app-aws", "restart": ["deployment/app"]},
+            {"type": "secretsmanager", "secret_id": "apps/app/aws", "region": "us-east-1"},
+            {"type": "ssm", "names": {"access_key_id": "/app/aws/id", "secret_access_key": "/app/aws/secret"}},
         ]}],
     }))
     code, modules = loaded_after("check-config", "--config", str(config), env={"VAULT_TOKEN": "unused"})

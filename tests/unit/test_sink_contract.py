@@ -9,8 +9,9 @@ from __future__ import annotations
 import random
 import secrets
 import string
+import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,10 @@ from rotator.credentials import Credentials, Secret
 from rotator.errors import SinkError
 from rotator.sinks.base import Receipt, Sink
 from rotator.sinks.credentials_file import CredentialsFileSink, CredentialsFileSinkConfig
+from rotator.sinks.dotenv import DotenvSink, DotenvSinkConfig
+from rotator.sinks.exec import ExecSink, ExecSinkConfig
+from rotator.sinks.files import FilesSink, FilesSinkConfig
+from tests import plugins
 
 USER = "app"
 SinkFactory = Callable[[pytest.FixtureRequest, Path], Sink[Any]]
@@ -68,10 +73,98 @@ def _kubernetes_in_a_missing_namespace(request: pytest.FixtureRequest, tmp_path:
     return _kubernetes(request, tmp_path, namespace="no-such-namespace")
 
 
+def _dotenv(_request: pytest.FixtureRequest, tmp_path: Path) -> Sink[Any]:
+    """An env file whose consumers are reloaded by a command (one that succeeds)."""
+    config = DotenvSinkConfig(type="dotenv", path=str(tmp_path / "app" / "aws.env"),
+                              reload={"command": [sys.executable, "-c", "pass"]})
+    return DotenvSink(config, USER)
+
+
+def _dotenv_at_a_directory(_request: pytest.FixtureRequest, tmp_path: Path) -> Sink[Any]:
+    (tmp_path / "aws.env").mkdir()
+    return DotenvSink(DotenvSinkConfig(type="dotenv", path=str(tmp_path / "aws.env")), USER)
+
+
+def _files(_request: pytest.FixtureRequest, tmp_path: Path) -> Sink[Any]:
+    return FilesSink(FilesSinkConfig(type="files", directory=str(tmp_path / "secrets")), USER)
+
+
+def _files_in_a_directory_that_is_a_file(_request: pytest.FixtureRequest, tmp_path: Path) -> Sink[Any]:
+    (tmp_path / "secrets").write_text("not a directory\n")
+    return FilesSink(FilesSinkConfig(type="files", directory=str(tmp_path / "secrets")), USER)
+
+
+EXEC_STORE = Path(__file__).resolve().parents[1] / "fakes" / "exec_store.py"
+
+
+def _exec(_request: pytest.FixtureRequest, tmp_path: Path, command: list[str] | None = None) -> Sink[Any]:
+    """tests/fakes/exec_store.py keeping the key in a JSON file, for all three commands."""
+    store = [sys.executable, str(EXEC_STORE), str(tmp_path / "store.json")]
+    config = ExecSinkConfig(type="exec", command=command or store, read=store, rollback=store, timeout="20s")
+    return ExecSink(config, USER)
+
+
+def _exec_whose_write_program_is_missing(request: pytest.FixtureRequest, tmp_path: Path) -> Sink[Any]:
+    return _exec(request, tmp_path, command=[str(tmp_path / "no-such-program")])
+
+
+def _plugin(_request: pytest.FixtureRequest, tmp_path: Path, path: Path | None = None) -> Sink[Any]:
+    """README's example sink, found through its entry point (see ``registered_plugins``)."""
+    cls = registry.sinks()[plugins.TYPE_NAME]
+    return cls(cls.config_model(type=plugins.TYPE_NAME, path=str(path or tmp_path / "aws.json")), USER)
+
+
+def _plugin_at_a_directory(request: pytest.FixtureRequest, tmp_path: Path) -> Sink[Any]:
+    (tmp_path / "aws.json").mkdir()
+    return _plugin(request, tmp_path, tmp_path / "aws.json")
+
+
+def _secretsmanager(request: pytest.FixtureRequest, _tmp_path: Path, *, create: bool = True) -> Sink[Any]:
+    """A fresh secret name in a fresh moto account (through the fault proxy), created on first write."""
+    from rotator.sinks.secretsmanager import SecretsManagerSink, SecretsManagerSinkConfig
+
+    request.getfixturevalue("aws")
+    config = SecretsManagerSinkConfig(type="secretsmanager", secret_id=f"contract/{secrets.token_hex(6)}",
+                                      region="us-east-1", create=create)
+    return SecretsManagerSink(config, USER)
+
+
+def _secretsmanager_missing_and_not_created(request: pytest.FixtureRequest, tmp_path: Path) -> Sink[Any]:
+    return _secretsmanager(request, tmp_path, create=False)
+
+
+def _ssm(request: pytest.FixtureRequest, _tmp_path: Path) -> Sink[Any]:
+    """Two fresh parameter names in a fresh moto account (through the fault proxy)."""
+    from rotator.sinks.ssm import SsmSink, SsmSinkConfig
+
+    request.getfixturevalue("aws")
+    prefix = f"/contract/{secrets.token_hex(6)}"
+    config = SsmSinkConfig(type="ssm", region="us-east-1", names={
+        "access_key_id": f"{prefix}/access_key_id", "secret_access_key": f"{prefix}/secret_access_key"})
+    return SsmSink(config, USER)
+
+
+def _ssm_as_an_identity_without_permissions(request: pytest.FixtureRequest, tmp_path: Path) -> Sink[Any]:
+    """rotator's identity is an IAM user holding no policy: moto (authenticating) refuses every call."""
+    aws = request.getfixturevalue("aws")
+    aws.iam.create_user(UserName="powerless")
+    key = aws.iam.create_access_key(UserName="powerless")["AccessKey"]
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    return _ssm(request, tmp_path)
+
+
 WORKING: dict[str, SinkFactory] = {
     "credentials_file": _credentials_file,
     "vault": _vault,
     "kubernetes": _kubernetes,
+    "dotenv": _dotenv,
+    "files": _files,
+    "exec": _exec,
+    "secretsmanager": _secretsmanager,
+    "ssm": _ssm,
+    plugins.TYPE_NAME: _plugin,
 }
 """type name -> a sink for user "app" that can be written to."""
 
@@ -79,10 +172,30 @@ FAILING: dict[str, SinkFactory] = {
     "credentials_file": _credentials_file_at_a_directory,
     "vault": _vault_with_a_token_vault_does_not_know,
     "kubernetes": _kubernetes_in_a_missing_namespace,
+    "dotenv": _dotenv_at_a_directory,
+    "files": _files_in_a_directory_that_is_a_file,
+    "exec": _exec_whose_write_program_is_missing,
+    "secretsmanager": _secretsmanager_missing_and_not_created,
+    "ssm": _ssm_as_an_identity_without_permissions,
+    plugins.TYPE_NAME: _plugin_at_a_directory,
 }
 """type name -> a sink for user "app" whose write fails (the failure mode each sink documents)."""
 
-SINK_TYPES = sorted(registry.sinks())
+with plugins.installed():  # a third-party sink, registered through its entry point
+    SINK_TYPES = sorted(registry.sinks())
+PLUGIN_TYPES = set(SINK_TYPES) - set(registry.sinks())
+
+
+@pytest.fixture(autouse=True)
+def registered_plugins(request: pytest.FixtureRequest) -> Iterator[None]:
+    """For a plugin's type, the plugin stays installed while its test runs (the registry sees it then
+    only, so that other tests see the built-in types alone)."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or callspec.params.get("type_name") not in PLUGIN_TYPES:
+        yield
+        return
+    with plugins.installed():
+        yield
 
 
 def new_credentials() -> Credentials:
@@ -99,6 +212,10 @@ def build(factories: dict[str, SinkFactory], type_name: str, request: pytest.Fix
 def test_every_registered_sink_has_factories() -> None:
     assert set(SINK_TYPES) - set(WORKING) == set()
     assert set(SINK_TYPES) - set(FAILING) == set()
+
+
+def test_the_contract_runs_over_a_sink_registered_through_an_entry_point() -> None:
+    assert sorted(PLUGIN_TYPES) == [plugins.TYPE_NAME]
 
 
 @pytest.mark.parametrize("type_name", SINK_TYPES)
