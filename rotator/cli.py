@@ -96,6 +96,7 @@ def cli(ctx: click.Context, config_path: str | None, debug: bool) -> None:
 @click.pass_obj
 def rotate(obj: _Context, user_name: str, dry_run: bool) -> None:
     """Rotate one user's access key now."""
+    from rotator import notify
     from rotator.fleet import Fleet
     from rotator.lock import make_locks
 
@@ -103,10 +104,16 @@ def rotate(obj: _Context, user_name: str, dry_run: bool) -> None:
     fleet = Fleet(config)
     locks = make_locks(config, fleet.account_id)  # an unusable lock_dir or Lease namespace: exit 2, nothing done
     target = fleet.target(user_name)
-    with locks.user(target.label) as held:
+    with notify.delivering(() if dry_run else config.notify), locks.user(target.label) as held:
         if not held:
             raise Busy(f"user {target.label}: another rotator on this host is rotating it; standing aside")
-        outcome = fleet.rotation(target).rotate(force=True, dry_run=dry_run)
+        try:
+            outcome = fleet.rotation(target).rotate(force=True, dry_run=dry_run)
+        except RotatorError as exc:
+            notify.report(fleet, target, notify.event_for_error(exc) or "", str(exc))
+            raise
+        notify.report(fleet, target, outcome.result.value, outcome.summary, old_key=outcome.old_key,
+                      new_key=outcome.new_key)
     _print_outcome(outcome)
 
 
@@ -116,6 +123,7 @@ def rotate(obj: _Context, user_name: str, dry_run: bool) -> None:
 @click.pass_obj
 def run(obj: _Context, once: bool) -> None:
     """Keep every configured user rotated: the service, or with --once a single pass."""
+    from rotator import notify
     from rotator.fleet import Fleet
     from rotator.lock import make_locks
     from rotator.runner import run_pass
@@ -124,13 +132,16 @@ def run(obj: _Context, once: bool) -> None:
     config = obj.config()
     fleet = Fleet(config)
     locks = make_locks(config, fleet.account_id)
-    with shutdown.main_thread_waits():  # rotations run in workers; the main thread only waits for them
+    # rotations run in workers; the main thread only waits for them (and then for the notifications)
+    with shutdown.main_thread_waits(), notify.delivering(config.notify):
         if not once:
             code = Service(fleet, locks).run()
-            shutdown.leave_if_abandoned(3)
-            sys.exit(code)
-        progress = _print_progress if sys.stdout.isatty() else None
-        summary = run_pass(fleet, locks, progress=progress)
+        else:
+            progress = _print_progress if sys.stdout.isatty() else None
+            summary = run_pass(fleet, locks, progress=progress)
+    if not once:
+        shutdown.leave_if_abandoned(3)
+        sys.exit(code)
     click.echo("\n".join(summary.lines()))
     shutdown.leave_if_abandoned(summary.exit_code)
     sys.exit(summary.exit_code)

@@ -50,6 +50,7 @@ from rotator.config_fields import (
 )
 from rotator.config_yaml import field_path, interpolate, read_file
 from rotator.errors import ConfigError
+from rotator.notify import WebhookConfig
 
 __all__ = [  # the field types live in config_fields and the file reading in config_yaml; used from here
     "MAX_REQUEST_TIMEOUT", "Duration", "RequestTimeout", "format_duration", "parse_duration", "read_file",
@@ -251,6 +252,8 @@ class Config(Model):
     accounts: list[AccountConfig] = Field(default_factory=list)
     users: list[UserConfig] = Field(default_factory=list)
     select: list[SelectorConfig] = Field(default_factory=list)
+    notify: list[WebhookConfig] = Field(default_factory=list)
+    """Webhooks told when a rotation failed, needs attention or (if asked) rotated a key."""
 
     @field_validator("users")
     @classmethod

@@ -15,7 +15,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from rotator import log, shutdown
+from rotator import log, notify, shutdown
 from rotator.errors import Busy, NeedsAttention, RotatorError
 from rotator.fleet import Fleet, Target
 from rotator.lock import Locks
@@ -110,6 +110,7 @@ def _check_user(fleet: Fleet, target: Target, locks: Locks, metrics: Metrics | N
     """Reconcile, then rotate if due, one user; never raises."""
     shutdown.begin()
     started = time.monotonic()
+    done = None
     if shutdown.requested():
         return UserResult(target.label, Outcome.SKIPPED, "shutting down", 0.0)
     try:
@@ -132,6 +133,8 @@ def _check_user(fleet: Fleet, target: Target, locks: Locks, metrics: Metrics | N
         log.get().error("unexpected error", user=target.label, error=type(exc).__name__, exc_info=exc)
         result = UserResult(target.label, Outcome.FAILED, f"unexpected {type(exc).__name__}",
                             time.monotonic() - started)
+    notify.report(fleet, target, result.outcome.value, result.message, old_key=done.old_key if done else None,
+                  new_key=done.new_key if done else None)
     if metrics:
         _observe(fleet, target, result, metrics)
     return result

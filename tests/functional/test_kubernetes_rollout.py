@@ -8,6 +8,7 @@ taking ``kube_api`` use what only the fake can do.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import traceback
 from datetime import datetime
@@ -20,7 +21,7 @@ from rotator.errors import SinkError
 from rotator.sinks.base import Receipt
 from rotator.sinks.kube_rollout import progress
 from rotator.sinks.kubernetes import KubernetesSink
-from tests.fakes.kube_api import FakeKubeApi, Request
+from tests.fakes.kube_api import ApiError, FakeKubeApi, Request
 from tests.fakes.kube_cluster import Cluster
 from tests.functional.kube_helpers import NAME, OLD, TEAM, make_sink, new_credentials, old_data, on
 
@@ -195,9 +196,13 @@ class TestRolloutFailure:
 def reloader_watches(api: FakeKubeApi) -> None:
     """Stakater Reloader: once the Secret's data changed, it rolls deployment/app -- asynchronously, as the
     real controller reacts to a watch event, a moment after the write was answered."""
+    def roll() -> None:
+        with contextlib.suppress(ApiError):  # the test may have ended (and the fake been reset) by then
+            api.restart("deployment", TEAM, "app")
+
     def on_write(request: Request) -> None:
         if request.verb == "patch" and request.resource == "secrets":
-            threading.Timer(0.3, lambda: api.restart("deployment", TEAM, "app")).start()
+            threading.Timer(0.3, roll).start()
 
     api.hooks.append(on_write)
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from rotator import registry
 from rotator.config import AwsConfig, Config, RotationSettings, ServiceConfig, UserConfig
+from rotator.notify import WebhookConfig
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.yaml"
 _ENV_REF = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -68,7 +69,8 @@ class TestExampleConfig:
         assert app.max_key_age != loaded.defaults.max_key_age
 
     @pytest.mark.parametrize(
-        "model", [Config, AwsConfig, RotationSettings, ServiceConfig, UserConfig], ids=lambda m: m.__name__
+        "model", [Config, AwsConfig, RotationSettings, ServiceConfig, UserConfig, WebhookConfig],
+        ids=lambda m: m.__name__
     )
     def test_every_field_of_the_core_models_is_shown(self, raw: Any, model: type[BaseModel]) -> None:
         missing = set(model.model_fields) - set(keys_in(raw))
