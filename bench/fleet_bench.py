@@ -177,8 +177,11 @@ def the_pass(server: MotoProcess, proxy: AwsProxy, args: argparse.Namespace, wor
     with propagating(proxy, aws, args.propagation) as calls, \
             open(workdir / "pass.out", "w") as out, open(workdir / "pass.log", "w") as logs:
         started = time.perf_counter()
-        child = subprocess.Popen(rotator("--config", str(config), "run", "--once"),  # noqa: S603
-                                 env=env, stdout=out, stderr=logs, cwd=workdir)
+        arguments = ("--config", str(config), "run", "--once")
+        command = rotator(*arguments)
+        if args.profile:  # the same command, under cProfile in every thread (bench/profiled.py)
+            command = [sys.executable, str(REPO / "bench" / "profiled.py"), str(args.profile.resolve()), *arguments]
+        child = subprocess.Popen(command, env=env, stdout=out, stderr=logs, cwd=workdir)  # noqa: S603
         _, status, usage = os.wait4(child.pid, 0)
         wall = time.perf_counter() - started
         child.returncode = os.waitstatus_to_exitcode(status)
@@ -406,6 +409,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--source", type=Path, help="run rotator from this source tree instead (e.g. an older "
                         "commit: git archive COMMIT rotator | tar -x -C DIR), for before/after comparisons")
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
+    parser.add_argument("--profile", type=Path, metavar="FILE", help="run the pass's rotator under cProfile "
+                        "(CPU time, every thread; bench/profiled.py) and write its stats to FILE; its timings "
+                        "are then not comparable")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
     args = parser.parse_args(argv)
     args.defaults = dict(item.split("=", 1) for item in args.defaults)

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from rotator import log, shutdown
@@ -24,6 +24,7 @@ from rotator.errors import IamError
 # Every IAM action rotator's own identity calls; `rotator permissions` prints a policy from these.
 PERMISSIONS: Final = (
     "iam:ListAccessKeys",
+    "iam:GetAccessKeyLastUsed",
     "iam:CreateAccessKey",
     "iam:UpdateAccessKey",
     "iam:DeleteAccessKey",
@@ -57,15 +58,32 @@ class AccessKey:
     created: datetime
 
 
+@dataclass(frozen=True)
+class LastUse:
+    """When IAM last saw a key used, and for what (service and region as IAM names them)."""
+
+    at: datetime
+    service: str
+    region: str
+
+    def __str__(self) -> str:
+        return f"{self.at.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')} ({self.service}, {self.region})"
+
+
 ClientFactory = Callable[..., Any]
+
+# The shared STS key checker's own credentials, never used: each of its calls is signed with the key it checks.
+_NO_KEY: Final = Credentials("ROTATOR-NO-KEY", Secret("unset"))
 
 
 def session_client_factory(aws: AwsConfig) -> ClientFactory:
     """Clients from the standard chain, or from explicit credentials when given.
 
     Every client comes from one session per factory (so per process), which loads each service's model
-    once: a client for a new key's STS check then costs little CPU and memory, however many rotations
-    are in flight. Sessions are not thread-safe, so clients are made under a lock (clients are).
+    once: a client of a key's own (a probe's) then costs little memory, however many rotations are in
+    flight; it still costs CPU (endpoint and config resolution), which is why the STS check of new keys
+    shares one client (``Iam.caller_arn``). Sessions are not thread-safe, so clients are made under a lock
+    (clients are).
     """
     shared: dict[str, Any] = {}
     lock = threading.Lock()
@@ -183,6 +201,22 @@ def _wrapped(operation: str, subject: str) -> Iterator[None]:
                        code=type(exc).__name__, in_doubt=True) from None
 
 
+def _pages(call: Callable[..., Any], **params: Any) -> Iterator[Any]:
+    """Every page of an IAM list call (``IsTruncated``/``Marker``), as botocore's paginator would give
+    them, without its cost per call (a paginator class made for each, a model read on a client's first)."""
+    while True:
+        page = call(**params)
+        yield page
+        marker = page.get("Marker") if page.get("IsTruncated") else None
+        if not marker:
+            return
+        if marker == params.get("Marker"):  # as the paginator does: never loop on the same page
+            import botocore.exceptions
+
+            raise botocore.exceptions.PaginationError(message=f"the marker {marker!r} came back unchanged")
+        params["Marker"] = marker
+
+
 class Iam:
     """IAM/STS operations on one account, as rotator needs them."""
 
@@ -190,7 +224,12 @@ class Iam:
         self._make_client = make_client
         self._iam: Any = None
         self._creator: Any = None
-        self._checkers: dict[Credentials, Any] = {}  # one STS client per key: a rotation checks it many times
+        self._own_sts: Any = None
+        self._whoami_lock = threading.Lock()  # one own-identity call at a time; see whoami
+        self._whoami_sent = 0
+        self._whoami_answer: tuple[int, str] | None = None  # the last answer, and which call it answered
+        self._checker: Any = None  # one STS client for every new key's check, each call signed with its key
+        self._signing = threading.local()  # the key the calling thread's check is signed with
         self._lock = threading.Lock()
 
     @property
@@ -201,14 +240,29 @@ class Iam:
             return self._iam
 
     def whoami(self) -> str:
-        """rotator's own identity (GetCallerIdentity needs no permission): proves AWS is reachable."""
-        with _wrapped("sts:GetCallerIdentity", "rotator's own identity"):
-            return str(self._make_client("sts").get_caller_identity()["Arn"])
+        """rotator's own identity (GetCallerIdentity needs no permission): proves AWS is reachable.
+
+        Callers that ask at once (a pass's first rotations all do) share an answer, but only one to a
+        request sent after they asked: an answer is never older than the question."""
+        with self._lock:
+            if self._own_sts is None:
+                self._own_sts = self._make_client("sts")
+            sts, sent_before = self._own_sts, self._whoami_sent
+        with self._whoami_lock:
+            if self._whoami_answer is not None and self._whoami_answer[0] > sent_before:
+                return self._whoami_answer[1]
+            with self._lock:
+                self._whoami_sent += 1
+                this_call = self._whoami_sent
+            with _wrapped("sts:GetCallerIdentity", "rotator's own identity"):
+                arn = str(sts.get_caller_identity()["Arn"])
+            self._whoami_answer = (this_call, arn)
+            return arn
 
     def list_users(self, path_prefix: str) -> list[str]:
         names: list[str] = []
         with _wrapped("ListUsers", f"users under {path_prefix}"):
-            for page in self._client.get_paginator("list_users").paginate(PathPrefix=path_prefix):
+            for page in _pages(self._client.list_users, PathPrefix=path_prefix):
                 names.extend(user["UserName"] for user in page["Users"])
         return names
 
@@ -226,8 +280,8 @@ class Iam:
         subject = f"the policies of {principal_arn}"
         try:
             with _wrapped("SimulatePrincipalPolicy", subject):
-                pages = self._client.get_paginator("simulate_principal_policy").paginate(
-                    PolicySourceArn=principal_arn, ActionNames=actions, ResourceArns=[resource_arn])
+                pages = _pages(self._client.simulate_principal_policy,
+                               PolicySourceArn=principal_arn, ActionNames=actions, ResourceArns=[resource_arn])
                 for page in pages:
                     for result in page["EvaluationResults"]:
                         # IAM answers once per action, with each resource's decision in ResourceSpecificResults
@@ -243,12 +297,20 @@ class Iam:
     def list_keys(self, user: str) -> list[AccessKey]:
         keys: list[AccessKey] = []
         with _wrapped("ListAccessKeys", f"user {user}"):
-            for page in self._client.get_paginator("list_access_keys").paginate(UserName=user):
+            for page in _pages(self._client.list_access_keys, UserName=user):
                 keys.extend(
                     AccessKey(meta["AccessKeyId"], meta["Status"] == "Active", meta["CreateDate"])
                     for meta in page["AccessKeyMetadata"]
                 )
         return sorted(keys, key=lambda k: k.created)
+
+    def last_used(self, user: str, key_id: str) -> LastUse | None:
+        """When ``key_id`` was last used (IAM records it late); None if never, as far as IAM knows."""
+        with _wrapped("GetAccessKeyLastUsed", f"user {user}"):
+            found = self._client.get_access_key_last_used(AccessKeyId=key_id)["AccessKeyLastUsed"]
+        if not found.get("LastUsedDate"):
+            return None
+        return LastUse(found["LastUsedDate"], found.get("ServiceName", "N/A"), found.get("Region", "N/A"))
 
     def create_key(self, user: str) -> Credentials:
         """Create a key; only throttling is retried (it proves the request was not processed)."""
@@ -287,7 +349,7 @@ class Iam:
     def tags(self, user: str) -> dict[str, str]:
         tags: dict[str, str] = {}
         with _wrapped("ListUserTags", f"user {user}"):
-            for page in self._client.get_paginator("list_user_tags").paginate(UserName=user):
+            for page in _pages(self._client.list_user_tags, UserName=user):
                 tags.update({t["Key"]: t["Value"] for t in page["Tags"]})
         return tags
 
@@ -307,12 +369,46 @@ class Iam:
         return self._make_client(service, credentials, check=True)
 
     def caller_arn(self, user: str, credentials: Credentials) -> str:
-        """The ARN STS sees for ``credentials`` (GetCallerIdentity needs no permission)."""
+        """The ARN STS sees for ``credentials`` (GetCallerIdentity needs no permission).
+
+        Every check goes through one STS client, made once as the STS check's (region, endpoint, short
+        timeouts, few retries, stopped by a termination request), and each call is signed with its own
+        key: the key is handed to botocore's signer through a slot of the calling thread, for this call
+        only, and the request is refused unless it went out signed with that key. Making a client for
+        each new key cost more CPU than everything else a rotation does."""
+        import botocore.credentials
+
+        key = botocore.credentials.Credentials(credentials.access_key_id, credentials.secret_access_key.reveal())
+        checker = self._key_checker()
         with _wrapped("sts:GetCallerIdentity", f"user {user}"):
-            with self._lock:
-                if credentials not in self._checkers:
-                    if len(self._checkers) > 64:
-                        self._checkers.clear()
-                    self._checkers[credentials] = self._make_client("sts", credentials, check=True)
-                sts = self._checkers[credentials]
-            return str(sts.get_caller_identity()["Arn"])
+            self._signing.key = key
+            try:
+                return str(checker.get_caller_identity()["Arn"])
+            finally:
+                self._signing.key = None
+
+    def _key_checker(self) -> Any:
+        """The STS client of every key check (signing with a key of the request's own is
+        ``request_credentials`` in the signing context: botocore 1.34.70 and later, the floor we require)."""
+        with self._lock:
+            if self._checker is None:
+                checker = self._make_client("sts", _NO_KEY, check=True)
+                checker.meta.events.register("before-sign.sts", self._sign_with_the_key)
+                checker.meta.events.register("before-send.sts", self._refuse_unless_signed_with_the_key)
+                self._checker = checker
+            return self._checker
+
+    def _sign_with_the_key(self, request: Any, **_: Any) -> None:
+        key = getattr(self._signing, "key", None)
+        if key is None:  # a bug: the shared client must never sign as anyone but the key being checked
+            raise RuntimeError("an STS key check was about to be signed without its key")
+        # a new dict: the call's own signing context gets the key, nothing shared with another call does
+        request.context["signing"] = {**request.context.get("signing", {}), "request_credentials": key}
+
+    def _refuse_unless_signed_with_the_key(self, request: Any, **_: Any) -> None:
+        key = getattr(self._signing, "key", None)
+        authorization = request.headers.get("Authorization") or b""
+        if isinstance(authorization, bytes):
+            authorization = authorization.decode("ascii", "replace")
+        if key is None or f"Credential={key.access_key}/" not in authorization:
+            raise RuntimeError("an STS key check was about to be sent without its key's signature")

@@ -7,6 +7,7 @@ has held in memory (registered by ``credentials.Secret``) is replaced wherever i
 
 from __future__ import annotations
 
+import bisect
 import logging
 import re
 import sys
@@ -22,6 +23,9 @@ _SECRET_KEY_NAME = re.compile(r"secret|password|token|credential", re.IGNORECASE
 
 _known_secrets: set[str] = set()
 _known_lock = threading.Lock()
+# The secrets longest first, and their lengths negated (ascending, for bisect), made again only when the
+# set changed (it only grows; tests swap it for a fresh one): (the set they came from, its size, lengths, secrets).
+_sorted: tuple[set[str], int, tuple[int, ...], tuple[str, ...]] | None = None
 
 
 def register_secret(value: str) -> None:
@@ -31,12 +35,22 @@ def register_secret(value: str) -> None:
             _known_secrets.add(value)
 
 
+def _longest_first() -> tuple[tuple[int, ...], tuple[str, ...]]:
+    global _sorted
+    with _known_lock:
+        known, cached = _known_secrets, _sorted
+        if cached is None or cached[0] is not known or cached[1] != len(known):
+            # longest first: a secret that contains a shorter one must not leave its remainder behind
+            secrets = tuple(sorted(known, key=len, reverse=True))
+            cached = _sorted = (known, len(known), tuple(-len(s) for s in secrets), secrets)
+    return cached[2], cached[3]
+
+
 def redact(text: str) -> str:
     """Return ``text`` with every registered secret replaced."""
-    with _known_lock:
-        # longest first: a secret that contains a shorter one must not leave its remainder behind
-        secrets = sorted(_known_secrets, key=len, reverse=True)
-    for secret in secrets:
+    negated_lengths, secrets = _longest_first()
+    # a secret longer than the text cannot be in it: most values logged (ids, names) are shorter than any
+    for secret in secrets[bisect.bisect_left(negated_lengths, -len(text)):]:
         if secret in text:
             text = text.replace(secret, REDACTED)
     return text

@@ -35,3 +35,20 @@ def test_the_benchmark_runs_and_reports_every_figure(tmp_path: Path) -> None:
                 "STS calls per rotation", "rotator's CPU per rotation", "peak memory of the pass",
                 "`rotator --help`, cold", "idle `rotator run`"):
         assert f"| {row}" in table, row
+
+
+@pytest.mark.slow
+def test_the_profile_of_a_pass_covers_the_rotations_in_worker_threads(tmp_path: Path) -> None:
+    import pstats
+
+    profile = tmp_path / "pass.pstats"
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--users", "3", "--propagation", "0.2", "--concurrency", "2",
+         "--skip", "sequential", "--skip", "cold", "--skip", "idle", "--default", "propagation_interval=0.1s",
+         "--profile", str(profile)],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    functions = {(Path(file).name, name): calls[1]
+                 for (file, _, name), calls in pstats.Stats(str(profile)).stats.items()}  # type: ignore[attr-defined]
+    assert functions[("engine.py", "rotate")] == 3  # each rotation ran in a worker thread: cProfile alone misses it
+    assert functions[("cli.py", "main")] == 1

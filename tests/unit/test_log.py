@@ -131,6 +131,20 @@ class TestRedact:
         log.register_secret("app")
         assert log.redact("user app") == "user app"
 
+    def test_secrets_of_every_length_are_scrubbed_from_texts_just_as_long(self) -> None:
+        """Secrets longer than a text are skipped for speed; one exactly as long as the text is not."""
+        short, long = "s3cr3t-" + secrets.token_hex(1), "LONG-SECRET-" + secrets.token_hex(40)
+        log.register_secret(short)
+        log.register_secret(long)
+        assert log.redact(short) == log.REDACTED
+        assert log.redact(long) == log.REDACTED
+        assert log.redact(f"{short}:{long}") == f"{log.REDACTED}:{log.REDACTED}"
+
+    def test_a_secret_registered_after_a_redaction_is_scrubbed_from_the_next(self) -> None:
+        assert log.redact("nothing secret here") == "nothing secret here"
+        canary = new_canary()
+        assert log.redact(f"then {canary}") == f"then {log.REDACTED}"
+
 
 class TestSecret:
     def test_creating_a_secret_registers_it_for_redaction(self) -> None:
