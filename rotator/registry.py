@@ -23,13 +23,16 @@ from rotator.sinks.credentials_file import CredentialsFileSink
 from rotator.sinks.dotenv import DotenvSink
 from rotator.sinks.exec import ExecSink
 from rotator.sinks.files import FilesSink
+from rotator.sinks.github import GithubSink
+from rotator.sinks.gitlab import GitlabSink
 from rotator.sinks.kubernetes import KubernetesSink
 from rotator.sinks.secretsmanager import SecretsManagerSink
 from rotator.sinks.ssm import SsmSink
 from rotator.sinks.vault import VaultSink
 
 _BUILTIN_SINKS: tuple[type[Sink[Any]], ...] = (CredentialsFileSink, VaultSink, KubernetesSink, DotenvSink,
-                                               FilesSink, ExecSink, SecretsManagerSink, SsmSink)
+                                               FilesSink, ExecSink, SecretsManagerSink, SsmSink,
+                                               GitlabSink, GithubSink)
 _BUILTIN_PROBES: tuple[type[Probe[Any]], ...] = (StsProbe, HttpProbe, S3Probe, CommandProbe)
 
 

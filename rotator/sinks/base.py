@@ -25,7 +25,13 @@ What is the same for every store lives here, once:
   is moved past the version the write was based on, so that a late arrival is refused, and if it had
   landed already it is undone. A store without a fence cannot promise that: the write fails with
   ``unchanged`` False and the engine keeps the key it carried;
-- a write that landed while its follow-up failed (half done) is undone.
+- a write that landed while its follow-up failed (half done) is undone;
+- a key a store holds only in part (``Credentials.cut``: a write of several requests was cut between
+  them) counts as not there: writing it again, or putting back the previous key, rewrites it whole.
+
+A store that cannot give a secret back (``reads_secret`` False: GitHub Actions secrets) reads a key as its
+id with ``Secret.unknown()``; the engine takes a key's secret only from sinks that read it back, and
+writes such sinks last.
 
 So a ``write`` that raises leaves the sink holding what it held (``SinkError.unchanged``), or says it
 cannot know. A sink implements only its store's reads and writes (the methods marked *adapter* below);
@@ -101,9 +107,16 @@ class Receipt:
         return f"<Receipt of {self.issuer} for {self.written_key_id}>"
 
 
+def _cut(snapshot: Snapshot) -> bool:
+    return snapshot.key is not None and snapshot.key.cut
+
+
 class Sink(ABC, Generic[ConfigT]):
     type_name: ClassVar[str]
     config_model: ClassVar[type[SinkConfig]]
+    reads_secret: ClassVar[bool] = True
+    """Whether ``read()`` gives the secret back. False for a write-only store: it reads the key id only
+    (with ``Secret.unknown()``), so putting an earlier key back needs that key's secret from another sink."""
 
     def __init__(self, config: ConfigT, user: str) -> None:
         self.config = config
@@ -217,7 +230,7 @@ class Sink(ABC, Generic[ConfigT]):
                     base = self._load()
                 except StoreFailure as failure:  # only read so far
                     raise _NotSent(str(failure)) from None
-                if base.key_id == written:
+                if base.key_id == written and not _cut(base):
                     return Receipt(self._issuer, written, base)  # already there: nothing to write or undo
                 if replacing is not None and base.key_id != replacing:
                     raise StoreFailure(f"holds key {base.key_id or '(none)'}, not {replacing}; not writing "
@@ -284,7 +297,7 @@ class Sink(ABC, Generic[ConfigT]):
         for _attempt in self._attempts("put the previous key back", "no definite answer or a conflict"):
             with self._transaction():
                 current = self._load()
-                if current.key_id == before.key_id:
+                if current.key_id == before.key_id and not _cut(current):
                     return  # already as before (an earlier try that answered late, or someone put it back)
                 if current.key_id not in (written, None):
                     raise StoreFailure(f"now holds key {current.key_id}, written by someone else since rotator "
