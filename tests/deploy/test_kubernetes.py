@@ -198,6 +198,14 @@ class TestPods:
 
         assert pod_specs()[workload]["terminationGracePeriodSeconds"] > shutdown_timeout.total_seconds()
 
+    def test_it_knows_its_pod_for_the_events_it_reports(self, workload: str) -> None:
+        """notify's kubernetes-event target puts its Events on the pod named by POD_NAME (downward API), with
+        its uid (POD_UID), without which `kubectl describe pod` would not list them."""
+        env = {e["name"]: e for e in rotator_container(pod_specs()[workload])["env"]}
+
+        assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+        assert env["POD_UID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.uid"}}
+
     def test_it_knows_its_namespace_and_runs_as_rotators_service_account(self, workload: str) -> None:
         """POD_NAMESPACE (downward API) places the Leases; the service account carries the Role."""
         pod = pod_specs()[workload]
@@ -266,20 +274,25 @@ class TestRole:
             assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
 
     def test_resource_names_everywhere_rbac_allows_them(self) -> None:
-        """Only Leases (named at run time) and `create` (RBAC cannot limit it by name) go without names."""
+        """Only Leases (named at run time) and `create` (RBAC cannot limit it by name: Secrets, Events) go
+        without names."""
         unnamed = [(tuple(r["resources"]), tuple(r["verbs"])) for r in self.rules() if not r.get("resourceNames")]
 
-        assert sorted(unnamed) == [(("leases",), ("get", "list", "create", "update", "patch", "delete")),
+        assert sorted(unnamed) == [(("events",), ("create",)),
+                                   (("leases",), ("get", "list", "create", "update", "patch", "delete")),
                                    (("secrets",), ("create",))]
 
     def test_it_grants_what_the_sinks_ask_for_and_nothing_more(self, tmp_path: Path) -> None:
-        """Beyond the Leases, the Role is exactly the union of the rules the configured sinks declare."""
+        """Beyond the Leases, the Role is exactly the union of the rules the configured sinks and notify targets
+        (the Kubernetes Events) declare."""
         loaded = load_config(tmp_path)
         wanted = {grant for user in loaded.users for sink in user.sinks
                   for grant in grants(getattr(registry.make_sink(sink, user.name), "rbac_rules", list)())}
+        wanted |= {grant for target in loaded.notify for grant in grants(getattr(target, "rbac_rules", list)())}
         granted = {g for g in grants(self.rules()) if g[1] != "leases"}
 
         assert wanted, "the ConfigMap should show a kubernetes sink"
+        assert ("events.k8s.io", "events", None, "create") in wanted, "the ConfigMap should show Kubernetes Events"
         assert granted == wanted
 
     def test_the_sinks_secrets_are_in_rotators_namespace(self) -> None:

@@ -29,6 +29,13 @@ so the official client raises ``ApiException`` with the right ``status``):
 - Secrets: ``stringData`` is folded into ``data``; data keys are validated (422) and values must be
   base64 (400); ``type`` defaults to Opaque and cannot change (422); with ``immutable: true`` any change
   of ``data`` or un-setting ``immutable`` is 422 Invalid ("field is immutable when `immutable` is set").
+- Events (``/apis/events.k8s.io/v1/namespaces/{ns}/events``; get, list, create): a create is validated as
+  the API validates an events.k8s.io/v1 create (422 Invalid listing every problem: ``eventTime``,
+  ``reportingController`` (a qualified name), ``reportingInstance``, ``action`` and ``reason`` required,
+  each at most 128 characters, ``message`` (the note) at most 1024 bytes, ``type`` Normal or Warning, the
+  ``deprecated*`` fields unset, a ``series`` with count >= 2 and lastObservedTime, and ``regarding`` without
+  a namespace only in default or kube-system); a MicroTime (``eventTime``, ``series.lastObservedTime``) not
+  written with exactly six fractional digits is 400, as the API's JSON decoding refuses it.
 - Leases: stored as given (holderIdentity, leaseDurationSeconds, acquireTime, renewTime,
   leaseTransitions are the client's business, as with a real API server); ``leaseDurationSeconds`` must
   be positive (422). Optimistic concurrency works as for every type: create is 409 AlreadyExists when
@@ -156,6 +163,10 @@ from tests.fakes.kube_patch import PatchError, json_patch, merge_patch, strategi
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 _SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_MICRO_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}(Z|[+-]\d\d:\d\d)$")
+"""metav1.MicroTime as the API parses it: Go's layout 2006-01-02T15:04:05.000000Z07:00."""
+_QUALIFIED_NAME = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                             r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 
 
 @dataclass(frozen=True)
@@ -180,6 +191,7 @@ TYPES = {t.plural: t for t in (
     ResourceType("apps", "v1", "statefulsets", "StatefulSet", workload=True),
     ResourceType("apps", "v1", "daemonsets", "DaemonSet", workload=True),
     ResourceType("coordination.k8s.io", "v1", "leases", "Lease"),
+    ResourceType("events.k8s.io", "v1", "events", "Event"),
 )}
 _BY_KIND = {t.kind.lower(): t for t in TYPES.values()}
 REVIEWS = ResourceType("authorization.k8s.io", "v1", "selfsubjectaccessreviews", "SelfSubjectAccessReview",
@@ -574,6 +586,8 @@ class FakeKubeApi:
             raise _invalid(rtype, "", "metadata.name", "Required value: name or generateName is required")
         if not _DNS_SUBDOMAIN.match(name) or len(name) > 253:
             raise _invalid(rtype, name, "metadata.name", f'Invalid value: "{name}": a lowercase RFC 1123 subdomain')
+        if rtype.namespaced:
+            metadata["namespace"] = namespace  # as stored (below); validation may depend on it (Events)
         if rtype.namespaced and not self._namespace_exists(namespace):
             raise ApiError(404, "NotFound", f'namespaces "{namespace}" not found',
                            {"name": namespace, "kind": "namespaces"})
@@ -725,6 +739,8 @@ class FakeKubeApi:
             duration = (obj.get("spec") or {}).get("leaseDurationSeconds")
             if duration is not None and (not isinstance(duration, int) or duration <= 0):
                 raise _invalid(rtype, name, "spec.leaseDurationSeconds", "Invalid value: must be greater than 0")
+        if rtype.plural == "events" and current is None:
+            _validate_event_create(rtype, name, obj)
         if rtype.workload and not isinstance((obj.get("spec") or {}).get("template"), dict):
             raise _invalid(rtype, name, "spec.template", "Required value")
         return obj
@@ -1051,6 +1067,62 @@ def _validated_secret(rtype: ResourceType, name: str, current: dict[str, Any] | 
             if not obj.get("immutable"):
                 raise _invalid(rtype, name, "immutable", "Forbidden: field is immutable when `immutable` is set")
     return obj
+
+
+def _validate_event_create(rtype: ResourceType, name: str, obj: dict[str, Any]) -> None:
+    """An events.k8s.io/v1 create, checked as the API server's ValidateEventCreate checks it."""
+    series = obj.get("series") if isinstance(obj.get("series"), dict) else None
+    for where, value in (("eventTime", obj.get("eventTime")), ("series.lastObservedTime",
+                                                                (series or {}).get("lastObservedTime"))):
+        if value is not None and not (isinstance(value, str) and _MICRO_TIME.match(value)):
+            raise ApiError(400, "BadRequest", f'Event in version "v1" cannot be handled as a Event: {where}: parsing '
+                           f'time {json.dumps(value)} as "2006-01-02T15:04:05.000000Z07:00": cannot parse')
+    problems: list[tuple[str, str, str]] = []  # (field, reason, message)
+
+    def required(field_path: str) -> None:
+        problems.append((field_path, "FieldValueRequired", "Required value"))
+
+    def invalid(field_path: str, message: str) -> None:
+        problems.append((field_path, "FieldValueInvalid", f'Invalid value: "": {message}'))
+
+    regarding = obj.get("regarding") if isinstance(obj.get("regarding"), dict) else {}
+    if not regarding.get("namespace") and obj["metadata"].get("namespace") not in ("default", "kube-system"):
+        invalid("involvedObject.namespace", "does not match event.namespace")
+    controller = str(obj.get("reportingController") or "")
+    if not controller:
+        required("reportingController")
+    elif not _QUALIFIED_NAME.match(controller) or len(controller.rpartition("/")[0]) > 253:
+        invalid("reportingController", "must be a qualified name (an optional DNS subdomain prefix and '/', then "
+                "1-63 of letters, digits, '-', '_' and '.')")
+    for field_path in ("reportingInstance", "action", "reason"):
+        value = str(obj.get(field_path) or "")
+        if not value:
+            required(field_path)
+        elif len(value) > 128:
+            invalid(field_path, "can have at most 128 characters")
+    if len(str(obj.get("note") or "").encode()) > 1024:
+        invalid("message", "can have at most 1024 characters")
+    if series is not None:
+        if not isinstance(series.get("count"), int) or series["count"] < 2:
+            invalid("series.count", "should be at least 2")
+        if not series.get("lastObservedTime"):
+            required("series.lastObservedTime")
+    if not obj.get("eventTime"):
+        required("eventTime")
+    if obj.get("type") not in ("Normal", "Warning"):
+        invalid("type", f"has invalid value: {obj.get('type') or ''}")
+    for field_path in ("deprecatedFirstTimestamp", "deprecatedLastTimestamp", "deprecatedCount"):
+        if obj.get(field_path):
+            invalid(field_path, "needs to be unset")
+    if any((obj.get("deprecatedSource") or {}).get(k) for k in ("component", "host")):
+        invalid("deprecatedSource", "needs to be unset")
+    if problems:
+        listed = [f"{field_path}: {message}" for field_path, _, message in problems]
+        raise ApiError(422, "Invalid", f'{rtype.kind}.{rtype.group} "{name}" is invalid: '
+                       + (listed[0] if len(listed) == 1 else f"[{', '.join(listed)}]"),
+                       {"name": name, "group": rtype.group, "kind": rtype.kind,
+                        "causes": [{"reason": reason, "message": message, "field": field_path}
+                                   for field_path, reason, message in problems]})
 
 
 def _handler_for(api: FakeKubeApi) -> type[BaseHTTPRequestHandler]:

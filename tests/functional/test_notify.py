@@ -1,6 +1,7 @@
 """Notifications: a webhook (a local HTTP server recording what it is sent) is told of failed rotations,
 of ones that need attention and, when asked, of rotated keys; never a secret, never at the cost of the
-rotation (an endpoint that is down or failing changes neither the outcome nor the exit code)."""
+rotation (an endpoint that is down or failing changes neither the outcome nor the exit code). Kubernetes
+Events, the other target, are in test_kube_events.py."""
 
 from __future__ import annotations
 
@@ -203,6 +204,30 @@ class TestDelivery:
         assert result.exit_code == 1, result.stderr
         assert time.monotonic() - started < 30
         assert "notification not delivered" in result.stderr
+
+    def test_an_undelivered_event_is_logged_without_the_hooks_path_which_may_hold_its_token(
+        self, aws: Aws, app: AppUser, write_config: ConfigWriter, health: Any
+    ) -> None:
+        url = closed_port_url().replace("/hook", "/services/T000/B000/HOOKTOKEN0123")
+        config = with_notify(failing_config(app, write_config, health), {"type": "webhook", "url": url})
+
+        result = run("--config", config, "rotate", "--user", "app")
+
+        assert result.exit_code == 1, result.stderr
+        assert "notification not delivered" in result.stderr
+        assert url.split("/services/")[0] in result.stderr and "HOOKTOKEN0123" not in result.stderr
+
+    def test_a_refusing_endpoint_is_not_asked_again(
+        self, aws: Aws, app: AppUser, app_config: Path, webhook: Webhook
+    ) -> None:
+        webhook.statuses = [404]
+        with_notify(app_config, {"type": "webhook", "url": webhook.url, "events": ["rotated"]})
+
+        result = run("--config", app_config, "rotate", "--user", "app")
+
+        assert result.exit_code == 0, result.stderr
+        assert len(webhook.bodies) == 1
+        assert "answered 404 (after 1 try)" in result.stderr
 
     def test_a_failing_endpoint_is_retried_until_it_answers(
         self, aws: Aws, app: AppUser, app_config: Path, webhook: Webhook
