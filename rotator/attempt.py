@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
-from rotator import log, shutdown, state
+from rotator import log, old_key, shutdown, state
 from rotator.config import format_duration
 from rotator.credentials import Credentials
 from rotator.errors import (
@@ -58,7 +58,7 @@ class Attempt:
                  new_key: str | None = None, new: Credentials | None = None, holding: set[int] | None = None,
                  old: Credentials | None = None, consumers_may_hold: bool = False,
                  started: datetime | None = None, recovering: bool = False,
-                 create_unanswered: bool = False) -> None:
+                 create_unanswered: bool = False, switched: datetime | None = None) -> None:
         self.rotation = rotation
         self.user = rotation.user
         self.iam = rotation.iam
@@ -68,8 +68,15 @@ class Attempt:
         self.new = new
         self.new_key = new.access_key_id if new else new_key
         self.old = old
-        """The old key's secret, read from a sink: puts it back where no receipt can (recovery)."""
+        """The old key's secret, read from a sink that gives secrets back: puts it back where no receipt can
+        (recovery; a sink that cannot give a secret back)."""
         self.started = started
+        self.switched = switched
+        """When every sink and consumer had the new key (recorded on the user once the old key is kept)."""
+        self.kept = False
+        """The old key stays active after the rotation, for a later pass to check and retire."""
+        self.old_key_in_use: str | None = None
+        """Why the old key counts as in use (IAM showed it used after the switch), for the report."""
         self._create_unanswered = create_unanswered  # CreateAccessKey went out and its answer was lost
         self._receipts: dict[int, Receipt] = {}
         self._holding: set[int] = set(holding or ())
@@ -107,9 +114,11 @@ class Attempt:
             await_usable(self._sts, new, self._context, self.rotation.settings)
 
     def push(self) -> None:
-        """Write the new key to every sink that does not hold it yet."""
+        """Write the new key to every sink that does not hold it yet; a sink that cannot give a secret back
+        last, so that a failure of any other sink never needs its rollback (which needs the old secret)."""
         new = self._new()
-        todo = [i for i in range(len(self.sinks)) if i not in self._holding]
+        todo = sorted((i for i in range(len(self.sinks)) if i not in self._holding),
+                      key=lambda i: not self.sinks[i].reads_secret)
         if not todo:
             return
         for index in todo:  # refuse consumers a reload could not reach before anything is written
@@ -160,24 +169,39 @@ class Attempt:
                 probe.check(new, context)
 
     def retire(self) -> None:
-        """Deactivate the old key (every sink and consumer has the new one, and it passed the probes), and
-        delete it now or record when it may be; then the rotation is over."""
+        """The switch is done (every sink and consumer has the new key, and it passed the probes). The old key
+        is checked for use (``old_key``) and deactivated, and deleted now or recorded for deletion after its
+        grace; or, while IAM cannot show its use yet or shows it in use (``old_key_in_use: wait``), kept
+        active and recorded as replaced, for a later pass to retire. Then the rotation is over."""
         shutdown.cleaning_up()  # past the probes, finishing is safer than stopping half-way
-        grace = self.rotation.settings.delete_after
+        settings = self.rotation.settings
+        grace = settings.delete_after
+        deleted = False
         try:
             if self._taken_over():
                 raise NeedsAttention(f"another rotator has taken over the rotation of {self.user}; not retiring "
                                      f"{self.old_key} from here")
             if self.old_key:
                 with self._step("retire", key_id=self.old_key):
-                    if grace:  # the retired mark must be on the user before the key is inactive; without a
-                        # grace, a crash from here is finished by rolling forward again (one write less)
-                        self.journal.retiring(self.old_key, self.rotation.now() + grace)
-                    self._deactivate(self.old_key)
-                if not grace:
+                    now = self.rotation.now()
+                    switched = self.switched = self.switched or old_key.switch_time(now)
+                    verdict = old_key.examine(self.iam, self.user, self.old_key, switched, None, settings, now)
+                    if verdict.in_use:
+                        self.old_key_in_use = old_key.in_use_message(self.user, self.old_key, verdict, switched,
+                                                                     settings)
+                        self._log.warning("old key in use", key_id=self.old_key, last_use=str(verdict.use))
+                    self.kept = settings.old_key_in_use == "wait" and not verdict.idle
+                    if self.kept or grace:  # the marks must be on the user before the key is inactive; without
+                        # a grace, a crash from here is finished by rolling forward again (one write less)
+                        self.journal.retiring(self.old_key, None if self.kept else now + grace,
+                                              superseded_at=switched, in_use=verdict.record)
+                    if not self.kept:
+                        self._deactivate(self.old_key)
+                if not self.kept and not grace:
                     with self._step("delete", key_id=self.old_key):
                         self.iam.delete_key(self.user, self.old_key)
-            self.journal.finish()
+                        deleted = True
+            self.journal.finish(forget=self.old_key if deleted else None, unretire=self.old_key if self.kept else None)
         except RotatorError as exc:
             self.journal.release()
             raise NeedsAttention(
@@ -189,9 +213,15 @@ class Attempt:
         if not self.old_key:
             return f"created {self.new_key} (the user had no active key)"
         grace = self.rotation.settings.delete_after
-        fate = "deleted" if not grace else (
-            f"deactivated; deleted after {format_duration(grace)} ({state.format_time(self.rotation.now() + grace)}), "
-            "by the first rotator run after that")
+        if self.kept:
+            assert self.switched is not None
+            fate = ("kept active: it was used after the switch (see the warning)" if self.old_key_in_use else
+                    "kept active until IAM can show whether anything still uses it; the first rotator run after "
+                    f"{state.format_time(self.switched + self.rotation.settings.last_use_lag)} checks and retires it")
+        else:
+            fate = "deleted" if not grace else (
+                f"deactivated; deleted after {format_duration(grace)} "
+                f"({state.format_time(self.rotation.now() + grace)}), by the first rotator run after that")
         return f"{self.old_key} -> {self.new_key}; old key {fate}"
 
     # -- the way back ---------------------------------------------------------------------------------
@@ -259,7 +289,7 @@ class Attempt:
         if failures:
             self.journal.release()
         else:
-            self._undoing("forget the rotation state", self.journal.finish, failures)
+            self._undoing("forget the rotation state", lambda: self.journal.finish(forget=self.old_key), failures)
         return failures
 
     def _withdraw(self) -> str:
@@ -288,12 +318,17 @@ class Attempt:
     def _restorer(self, index: int) -> Any:
         sink = self.sinks[index]
         receipt = self._receipts.get(index)
-        if receipt is not None:
+        old = self.old
+        if receipt is not None and (sink.reads_secret or receipt.before.key is None or old is None
+                                    or receipt.before.key_id != old.access_key_id):
             return lambda: sink.rollback(receipt)
 
-        def restore() -> None:  # a sink that got the new key in an earlier, interrupted run: no receipt
+        def restore() -> None:  # a sink that got the new key in an earlier, interrupted run (no receipt), or
+            # a write-only one (its receipt holds no secret): the old key's secret, read from another sink
             if self.old is None:
-                raise sink.error("no sink holds the old key's secret any more, so it cannot be put back")
+                raise sink.error("its store cannot give secrets back, and no other sink of the user holds the old "
+                                 "key's secret, so the old key cannot be put back" if not sink.reads_secret else
+                                 "no sink holds the old key's secret any more, so it cannot be put back")
             if not self._is_active(self.old.access_key_id):
                 raise sink.error(f"old key {self.old.access_key_id} is no longer active; not putting it back")
             sink.write(self.old, replacing=self.new_key)

@@ -114,6 +114,9 @@ def rotate(obj: _Context, user_name: str, dry_run: bool) -> None:
             raise
         notify.report(fleet, target, outcome.result.value, outcome.summary, old_key=outcome.old_key,
                       new_key=outcome.new_key)
+        if outcome.old_key_in_use:
+            notify.report(fleet, target, "old-key-in-use", outcome.old_key_in_use, old_key=outcome.old_key,
+                          new_key=outcome.new_key)
     _print_outcome(outcome)
 
 
@@ -219,13 +222,14 @@ def status(obj: _Context, output: str) -> None:
 def check_config(obj: _Context, connect: bool) -> None:
     """Validate the config (exit 2 if it is bad); with --connect also check, changing nothing, that a run
     would have every permission it needs: one line per user and check, exit 1 if any failed."""
-    from rotator import preflight
+    from rotator import notify, preflight
     from rotator.fleet import Fleet
     from rotator.lock import leader_namespace
 
     config = obj.config()
     if config.service.leader_election is not None:
         leader_namespace(config.service.leader_election)  # known at run time only from the pod: say so now
+    notify.check(config.notify)  # a kubernetes-event target's pod, too
     fleet = Fleet(config)
     listed = fleet.listed()
     targets = [(target, fleet.rotation(target).sinks) for target in listed]  # builds every sink: bad settings
@@ -271,6 +275,8 @@ def _print_outcome(outcome: Outcome) -> None:
     click.echo(f"{prefix}{outcome.user}: {outcome.result.value}: {outcome.summary}")
     for action in outcome.actions:
         click.echo(f"  - {action}")
+    if outcome.old_key_in_use:
+        click.echo(f"warning: {outcome.old_key_in_use}", err=True)
 
 
 def _status_lines(rows: Iterable[UserStatus]) -> list[str]:
@@ -280,7 +286,8 @@ def _status_lines(rows: Iterable[UserStatus]) -> list[str]:
         if not row.keys:
             lines.append(f"{row.user:<20} {'-':<12} {'-':<9} {'-':>5}  no keys; {due}")
         for index, key in enumerate(row.keys):
-            note = due if key.active else (
+            note = ("in use after it was replaced" if key.in_use else "replaced; awaiting its last-use check"
+                    ) if key.active and key.replaced_at else due if key.active else (
                 f"retired; delete after {key.retired_until:%Y-%m-%d %H:%M}" if key.retired_until else "inactive")
             name = (f"{row.account}/{row.user}" if row.account else row.user) if index == 0 else ""
             status_text = "Active" if key.active else "Inactive"

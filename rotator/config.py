@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -50,7 +50,7 @@ from rotator.config_fields import (
 )
 from rotator.config_yaml import field_path, interpolate, read_file
 from rotator.errors import ConfigError
-from rotator.notify import WebhookConfig
+from rotator.notify import TARGET_TYPES, TargetConfig
 
 __all__ = [  # the field types live in config_fields and the file reading in config_yaml; used from here
     "MAX_REQUEST_TIMEOUT", "Duration", "RequestTimeout", "format_duration", "parse_duration", "read_file",
@@ -61,6 +61,8 @@ _ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_IAM", "AWS_ENDPOINT
 KeyAge = Duration  # at most 10 years, as every duration: a retire-after date must stay a valid date
 PropagationTimeout = Annotated[Duration, within(ONE_DAY, positive=True)]
 PropagationInterval = Annotated[Duration, within(timedelta(hours=1))]
+LastUseLag = Annotated[Duration, within(ONE_DAY)]
+OldKeyInUse = Literal["wait", "retire"]
 DEFAULT_JITTER = timedelta(minutes=5)
 
 
@@ -97,6 +99,15 @@ class RotationSettings(Model):
     """Consecutive STS successes required before a new key counts as usable (early answers flap)."""
     propagation_interval: PropagationInterval = timedelta(seconds=2)
     """Pause between STS checks; after a failure it grows (x2) up to 8 times this."""
+    old_key_in_use: OldKeyInUse = "wait"
+    """When IAM shows the old key used after every sink and consumer got the new one (a consumer no sink
+    reaches): ``wait`` keeps it active (and a retired one undeleted) and reports it; ``retire`` reports it
+    and retires the key all the same."""
+    last_use_lag: LastUseLag = timedelta(hours=4)
+    """How late IAM may record a key's use (GetAccessKeyLastUsed): the old key is checked this long after
+    the switch, so ``wait`` keeps it active that long (0s checks at once; at most 1d)."""
+    old_key_max_wait: KeyAge = timedelta(days=7)
+    """How long ``wait`` keeps an old key in use active before the user is reported as needing attention."""
 
 
 class SinkConfig(Model):
@@ -125,6 +136,9 @@ class RotationOverrides(Model):
     propagation_timeout: PropagationTimeout | None = None
     propagation_successes: int | None = Field(default=None, ge=1, le=50)
     propagation_interval: PropagationInterval | None = None
+    old_key_in_use: OldKeyInUse | None = None
+    last_use_lag: LastUseLag | None = None
+    old_key_max_wait: KeyAge | None = None
 
     def applied_to(self, defaults: RotationSettings) -> RotationSettings:
         overrides = {
@@ -252,8 +266,9 @@ class Config(Model):
     accounts: list[AccountConfig] = Field(default_factory=list)
     users: list[UserConfig] = Field(default_factory=list)
     select: list[SelectorConfig] = Field(default_factory=list)
-    notify: list[WebhookConfig] = Field(default_factory=list)
-    """Webhooks told when a rotation failed, needs attention or (if asked) rotated a key."""
+    notify: list[InstanceOf[TargetConfig]] = Field(default_factory=list)
+    """Webhooks and Kubernetes Events told when a rotation failed, needs attention or (if asked) rotated a key;
+    each entry validated by the model its ``type`` names in ``notify.TARGET_TYPES``."""
 
     @field_validator("users")
     @classmethod
@@ -390,6 +405,8 @@ def parse(
             if "probes" in entry:
                 entry["probes"] = _typed_entries(entry["probes"], (section, index, "probes"), probe_models, "probe",
                                                  errors)
+    if "notify" in data:
+        data["notify"] = _typed_entries(data["notify"], ("notify",), TARGET_TYPES, "notification", errors)
     config: Config | None = None
     try:
         config = Config.model_validate(data)

@@ -187,6 +187,10 @@ class KeyStatus:
     created: datetime
     age_days: int
     retired_until: datetime | None
+    replaced_at: datetime | None = None
+    """When a rotation replaced this key (kept until its last-use check retires it)."""
+    in_use: state.InUse | None = None
+    """A use of it IAM showed after it was replaced."""
 
 
 @dataclass(frozen=True)
@@ -201,8 +205,12 @@ class UserStatus:
 
     @property
     def active_key_age_seconds(self) -> float | None:
-        active = [k for k in self.keys if k.active]
+        active = [k for k in self.keys if k.active and k.replaced_at is None]
         return (utc_now() - active[0].created).total_seconds() if len(active) == 1 else None
+
+    @property
+    def old_key_in_use(self) -> bool:
+        return any(k.in_use is not None and k.active for k in self.keys)
 
     @property
     def awaiting_deletion(self) -> int:
@@ -220,6 +228,8 @@ class UserStatus:
                     "created": state.format_time(k.created),
                     "age_days": k.age_days,
                     "retired_delete_after": state.format_time(k.retired_until) if k.retired_until else None,
+                    "replaced_at": state.format_time(k.replaced_at) if k.replaced_at else None,
+                    "used_after_replaced": state.format_time(k.in_use.used) if k.in_use else None,
                 }
                 for k in self.keys
             ],
@@ -241,15 +251,30 @@ class UserStatus:
 def read_status(iam: Iam, target: Target, now: datetime) -> UserStatus:
     current = state.read(iam, target.name)
     keys: list[AccessKey] = iam.list_keys(target.name)
-    active = [k for k in keys if k.active]
+    settings = target.settings
+    active = [k for k in keys if k.active and k.key_id not in current.superseded]
     notes = []
     if len(active) > 1:
         notes.append("two active keys: rotator will not rotate until one is removed")
-    due_at = active[0].created + target.settings.max_key_age if len(active) == 1 else None
+    for k in keys:
+        switched, seen = current.superseded.get(k.key_id), current.in_use.get(k.key_id)
+        if switched is None or not k.active or k.key_id in current.retired:
+            continue
+        if seen is not None:
+            notes.append(f"old key {k.key_id} in use: IAM showed it used {state.format_time(seen.used)}, after it "
+                         f"was replaced ({state.format_time(switched)}); kept active (old_key_in_use: "
+                         f"{settings.old_key_in_use}); needs attention after "
+                         f"{state.format_time(switched + settings.old_key_max_wait)}")
+        else:
+            check_at = state.format_time(switched + settings.last_use_lag)
+            notes.append(f"old key {k.key_id} replaced {state.format_time(switched)}: kept active until its last "
+                         f"use is checked, on the first run after {check_at}")
+    due_at = active[0].created + settings.max_key_age if len(active) == 1 else None
     return UserStatus(
         user=target.name,
         keys=[
-            KeyStatus(k.key_id, k.active, k.created, (now - k.created).days, current.retired.get(k.key_id))
+            KeyStatus(k.key_id, k.active, k.created, (now - k.created).days, current.retired.get(k.key_id),
+                      current.superseded.get(k.key_id), current.in_use.get(k.key_id))
             for k in keys
         ],
         due=not active or (due_at is not None and due_at <= now),

@@ -27,6 +27,9 @@ class Metrics:
         self.interrupted = Gauge(
             "rotator_interrupted_rotations", "1 while the user has an unfinished rotation recorded.", ["user"],
             registry=self.registry)
+        self.old_key_in_use = Gauge(
+            "rotator_old_key_in_use", "1 while IAM shows a key the user's rotation replaced used after the switch "
+            "(a consumer no sink reaches).", ["user"], registry=self.registry)
         self.last_success = Gauge(
             "rotator_last_successful_pass_timestamp_seconds", "When a pass over every user last ended without "
             "failures (Unix time).", registry=self.registry)

@@ -22,3 +22,5 @@ class Outcome:
     new_key: str | None = None
     actions: tuple[str, ...] = ()
     new_key_in_service: bool = False
+    old_key_in_use: str | None = None
+    """Set when IAM showed a replaced key used after the switch, and it was not reported before."""

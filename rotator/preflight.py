@@ -31,7 +31,7 @@ from rotator.kube_access import Access, refused
 from rotator.lock import leader_namespace, make_locks
 from rotator.sinks.base import Sink
 
-READS: Final = ("iam:ListAccessKeys", "iam:ListUserTags")
+READS: Final = ("iam:ListAccessKeys", "iam:ListUserTags", "iam:GetAccessKeyLastUsed")
 """The actions of ``PERMISSIONS`` that the checks make themselves; the rest are writes."""
 _LEASE_VERBS: Final = ("get", "create", "update")  # what lock.LeaseClaim does; names are per user: any Lease
 _LEASE_REQUEST_TIMEOUT: Final = 30.0
@@ -98,7 +98,7 @@ def _lease_problems(namespace: str) -> list[str]:
 
 def _iam(iam: Iam, target: Target, principals: _Principals) -> Iterator[Check]:
     try:
-        iam.list_keys(target.name)
+        keys = iam.list_keys(target.name)
     except RotatorError as exc:
         yield Check(target.label, "iam", (str(exc),))
         return
@@ -110,10 +110,11 @@ def _iam(iam: Iam, target: Target, principals: _Principals) -> Iterator[Check]:
         principals.give_up(target.account, f"the user's ARN, which IAM's policy simulator needs, could not be "
                                             f"read (GetUser: {exc.code}); allow iam:GetUser and "
                                             "iam:SimulatePrincipalPolicy to have them checked")
-    yield _permissions(iam, target, user_arn, principals)
+    yield _permissions(iam, target, user_arn, principals, keys[0].key_id if keys else None)
 
 
-def _permissions(iam: Iam, target: Target, user_arn: str | None, principals: _Principals) -> Check:
+def _permissions(iam: Iam, target: Target, user_arn: str | None, principals: _Principals,
+                 key_id: str | None) -> Check:
     arn, unverifiable = principals.of(target.account)
     if arn is not None and user_arn is not None:
         try:
@@ -132,6 +133,8 @@ def _permissions(iam: Iam, target: Target, user_arn: str | None, principals: _Pr
                 "`rotator permissions` prints the policy it needs",))
     try:
         iam.tags(target.name)
+        if key_id is not None:  # (a user without a key has none to ask about)
+            iam.last_used(target.name, key_id)
     except RotatorError as exc:
         return Check(target.label, "iam permissions", (str(exc),))
     writes = ", ".join(action for action in PERMISSIONS if action not in READS)

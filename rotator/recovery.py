@@ -44,8 +44,13 @@ class RecoveryPlan:
 
 
 def decide(pending: state.Pending, keys: list[AccessKey], retired: dict[str, datetime],
-           holders_of_new: int, old_readable: bool) -> RecoveryPlan:
-    """What to do with an interrupted rotation, given the keys in IAM and what the sinks hold."""
+           holders_of_new: int, old_readable: bool, *, new_readable: bool = True,
+           every_sink_holds_new: bool = False, write_only: str = "") -> RecoveryPlan:
+    """What to do with an interrupted rotation, given the keys in IAM and what the sinks hold.
+
+    ``old_readable`` / ``new_readable``: a sink that gives secrets back holds that key (only then can it be
+    put back, or probed and pushed on); ``write_only``: the sinks that hold the new key but cannot give its
+    secret back (GitHub), for the message when neither way is open."""
     if pending.new_key is None:
         strays = find_strays(pending.started, pending.old_key, keys, retired)
         if strays:
@@ -59,6 +64,26 @@ def decide(pending: state.Pending, keys: list[AccessKey], retired: dict[str, dat
         return RecoveryPlan(Recovery.ROLL_BACK, "the new key is in no sink")
     if pending.rolling_back and old_readable:
         return RecoveryPlan(Recovery.ROLL_BACK, "interrupted while rolling back")
+    if not new_readable:
+        old_active = any(k.key_id == pending.old_key and k.active for k in keys)
+        if every_sink_holds_new and (pending.phase is state.Phase.RETIRING or not old_active):
+            why = "it passed the probes" if pending.phase is state.Phase.RETIRING else "the old key was deactivated"
+            return RecoveryPlan(Recovery.ROLL_FORWARD, f"every sink holds the new key and {why}")
+        if old_readable:
+            return RecoveryPlan(Recovery.ROLL_BACK, "the new key's secret is in no sink that gives it back, so it "
+                                                    "cannot be probed or pushed on")
+        advice = (  # deactivating the old key is safe only once no sink holds it (or a part of the new one)
+            f"If the consumers work with {pending.new_key}, deactivate {pending.old_key} yourself and run "
+            "`rotator recover` again to finish" if every_sink_holds_new else
+            f"Not every sink holds {pending.new_key} whole: the others still hold {pending.old_key} (or hold "
+            f"{pending.new_key} only in part), so do not deactivate {pending.old_key}, whose consumers would lose "
+            f"their key. Write {pending.old_key} with its secret into {write_only or 'the sinks holding the new key'}"
+            f" yourself (for GitHub, both secrets, then the record variable set to {pending.old_key}), then run "
+            f"`rotator recover` again: it deletes {pending.new_key}")
+        return RecoveryPlan(Recovery.STUCK, (
+            f"the new key {pending.new_key} is in {write_only or 'write-only sinks'}, which cannot give its secret "
+            "back, and in no sink that can, so rotator can neither probe it nor push it on; nor is the old key's "
+            f"secret in a sink that gives it back, so it cannot be put back. {advice}"))
     return RecoveryPlan(Recovery.ROLL_FORWARD, "the new key is in a sink")
 
 
@@ -75,8 +100,13 @@ def recover(rotation: Rotation, current: state.UserState, keys: list[AccessKey],
         )
     held = _read_sinks(rotation)
     new_holders = {i for i, c in enumerate(held) if c and c.access_key_id == pending.new_key}
-    old = next((c for c in held if c and pending.old_key and c.access_key_id == pending.old_key), None)
-    plan = decide(pending, keys, current.retired, len(new_holders), old is not None)
+    cut = {i for i, c in enumerate(held) if c and i in new_holders and c.cut}  # held in part: to be rewritten
+    secrets = [c for c in held if c and c.secret_known and not c.cut]  # from sinks that give secrets back
+    new = next((c for c in secrets if c.access_key_id == pending.new_key), None)
+    old = next((c for c in secrets if pending.old_key and c.access_key_id == pending.old_key), None)
+    write_only = ", ".join(rotation.sinks[i].name for i in sorted(new_holders) if not rotation.sinks[i].reads_secret)
+    plan = decide(pending, keys, current.retired, len(new_holders), old is not None, new_readable=new is not None,
+                  every_sink_holds_new=len(new_holders - cut) == len(rotation.sinks), write_only=write_only)
     summary = (f"interrupted rotation ({pending.phase.value}{', rolling back' if pending.rolling_back else ''}): "
                f"{plan.action.value}, {plan.reason}")
     if dry_run:
@@ -85,8 +115,8 @@ def recover(rotation: Rotation, current: state.UserState, keys: list[AccessKey],
                       action=plan.action.value, reason=plan.reason, old_key=pending.old_key,
                       new_key=pending.new_key)
     unsettled = pending.unsettled_until
-    doubtful = [sink.name for i, sink in enumerate(rotation.sinks)
-                if i not in new_holders and sink.unfenced_window is not None]  # a store holding it has no write left
+    doubtful = [sink.name for i, sink in enumerate(rotation.sinks)  # a store holding it whole has no write left
+                if (i not in new_holders or i in cut) and sink.unfenced_window is not None]
     if plan.action is Recovery.ROLL_BACK and doubtful and unsettled is not None and rotation.now() < unsettled:
         raise NeedsAttention(
             f"user {user}: the interrupted rotation must be rolled back ({plan.reason}), but a write of the new "
@@ -100,12 +130,14 @@ def recover(rotation: Rotation, current: state.UserState, keys: list[AccessKey],
         raise NeedsAttention(f"user {user}: cannot recover the interrupted rotation: {plan.reason}")
     forward = plan.action is Recovery.ROLL_FORWARD
     attempt = Attempt(rotation, journal, pending.old_key, new_key=pending.new_key,
-                      new=held[min(new_holders)] if forward else None, holding=new_holders, old=old,
+                      new=new if forward else None, holding=new_holders - cut if forward else new_holders, old=old,
                       consumers_may_hold=pending.sinks_may_hold_new_key, started=pending.started, recovering=True,
-                      create_unanswered=plan.action is Recovery.DELETE_STRAYS)
+                      create_unanswered=plan.action is Recovery.DELETE_STRAYS,
+                      switched=current.superseded.get(pending.old_key) if pending.old_key else None)
     with shutdown.keepalive(journal.beat):
         if forward:
-            if not (pending.phase is state.Phase.RETIRING and len(new_holders) == len(rotation.sinks)):
+            if new is not None and not (pending.phase is state.Phase.RETIRING
+                                        and len(new_holders - cut) == len(rotation.sinks)):
                 with attempt.rolled_back_on_failure():  # (at RETIRING it was reloaded and probed already)
                     attempt.await_usable()
                     attempt.push()

@@ -42,6 +42,8 @@ class UserResult:
     outcome: Outcome
     message: str
     seconds: float
+    warning: str | None = None
+    """Said of a user whose pass went well otherwise: a replaced key IAM showed in use after the switch."""
 
 
 @dataclass
@@ -63,6 +65,7 @@ class PassSummary:
         lines = [f"pass over {len(self.results)} user(s): {counts}"]
         lines += [f"  {r.label}: {r.outcome.value}: {r.message}" for r in self.results
                   if r.outcome in (Outcome.FAILED, Outcome.NEEDS_ATTENTION)]
+        lines += [f"  {r.label}: warning: {r.warning}" for r in self.results if r.warning]
         lines += [f"  {where}: failed: {error}" for where, error in self.unreachable.items()]
         return lines
 
@@ -122,7 +125,8 @@ def _check_user(fleet: Fleet, target: Target, locks: Locks, metrics: Metrics | N
                 done = fleet.rotation(target).rotate()
                 outcome = {Result.ROTATED: Outcome.ROTATED, Result.RECOVERED: Outcome.RECOVERED}.get(
                     done.result, Outcome.NOT_DUE)
-                result = UserResult(target.label, outcome, done.summary, time.monotonic() - started)
+                result = UserResult(target.label, outcome, done.summary, time.monotonic() - started,
+                                    done.old_key_in_use)
     except Busy as exc:
         result = UserResult(target.label, Outcome.SKIPPED, str(exc), time.monotonic() - started)
     except NeedsAttention as exc:
@@ -135,6 +139,9 @@ def _check_user(fleet: Fleet, target: Target, locks: Locks, metrics: Metrics | N
                             time.monotonic() - started)
     notify.report(fleet, target, result.outcome.value, result.message, old_key=done.old_key if done else None,
                   new_key=done.new_key if done else None)
+    if result.warning:
+        notify.report(fleet, target, "old-key-in-use", result.warning, old_key=done.old_key if done else None,
+                      new_key=done.new_key if done else None)
     if metrics:
         _observe(fleet, target, result, metrics)
     return result
@@ -152,3 +159,4 @@ def _observe(fleet: Fleet, target: Target, result: UserResult, metrics: Metrics)
         metrics.key_age.labels(target.label).set(age)
     metrics.awaiting_deletion.labels(target.label).set(status.awaiting_deletion)
     metrics.interrupted.labels(target.label).set(1 if status.interrupted else 0)
+    metrics.old_key_in_use.labels(target.label).set(1 if status.old_key_in_use else 0)

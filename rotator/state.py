@@ -16,6 +16,9 @@ The secret never goes here; only key ids and times. Tags (all under ``rotator:``
 - ``rotator:unsettled-until`` a write to a store that cannot refuse a late write (Vault KV v1) was sent;
                            until then it may still land, so the new key is not deleted (UTC)
 - ``rotator:retired:ID``   rotator deactivated key ID; it may be deleted after this time (UTC)
+- ``rotator:superseded:ID`` every sink and consumer switched from key ID to its successor at this time
+                           (UTC); kept until ID is deleted, for the checks of its last use (``old_key``)
+- ``rotator:in-use:ID``    IAM showed key ID used after that switch: ``LAST-USE SEEN-AT`` (UTC)
 
 ``Journal`` writes them for the rotator that owns a rotation. Every write carries a fresh
 ``alive-until``, so the heartbeat rides on the step's own write; during waits, ``Journal.beat`` (called
@@ -47,6 +50,8 @@ OWNER: Final = "rotator:owner"
 ALIVE_UNTIL: Final = "rotator:alive-until"
 UNSETTLED_UNTIL: Final = "rotator:unsettled-until"
 RETIRED: Final = "rotator:retired:"
+SUPERSEDED: Final = "rotator:superseded:"
+IN_USE: Final = "rotator:in-use:"
 _LEGACY_HEARTBEAT: Final = "rotator:heartbeat"
 _STATE_TAGS: Final = (PHASE, ROLLING_BACK, OLD_KEY, NEW_KEY, STARTED, OWNER, ALIVE_UNTIL, UNSETTLED_UNTIL,
                       _LEGACY_HEARTBEAT)
@@ -118,20 +123,41 @@ class Pending:
 
 
 @dataclass(frozen=True)
+class InUse:
+    """A use of a superseded key that IAM showed after the switch, and when rotator saw it."""
+
+    used: datetime
+    seen: datetime
+
+
+@dataclass(frozen=True)
 class UserState:
     pending: Pending | None = None
     retired: dict[str, datetime] = field(default_factory=dict)
+    superseded: dict[str, datetime] = field(default_factory=dict)
+    """Key id -> when every sink and consumer had switched away from it."""
+    in_use: dict[str, InUse] = field(default_factory=dict)
+
+
+def _times(tags: dict[str, str], prefix: str) -> dict[str, datetime]:
+    return {key[len(prefix):]: when for key, value in tags.items()
+            if key.startswith(prefix) and (when := parse_time(value)) is not None}
+
+
+def _in_use(tags: dict[str, str]) -> dict[str, InUse]:
+    found = {}
+    for key, value in tags.items():
+        used, _, seen = value.partition(" ")
+        if key.startswith(IN_USE) and (u := parse_time(used)) and (s := parse_time(seen)):
+            found[key[len(IN_USE):]] = InUse(u, s)
+    return found
 
 
 def read(iam: Iam, user: str) -> UserState:
     tags = iam.tags(user)
-    retired = {
-        key[len(RETIRED):]: when
-        for key, value in tags.items()
-        if key.startswith(RETIRED) and (when := parse_time(value)) is not None
-    }
+    retired, superseded, in_use = _times(tags, RETIRED), _times(tags, SUPERSEDED), _in_use(tags)
     if PHASE not in tags:
-        return UserState(None, retired)
+        return UserState(None, retired, superseded, in_use)
     rolling_back = ROLLING_BACK in tags
     try:
         phase = Phase(tags[PHASE])
@@ -148,11 +174,25 @@ def read(iam: Iam, user: str) -> UserState:
         alive_until=parse_time(tags.get(ALIVE_UNTIL, "")),
         unsettled_until=parse_time(tags.get(UNSETTLED_UNTIL, "")),
     )
-    return UserState(pending, retired)
+    return UserState(pending, retired, superseded, in_use)
 
 
 def forget_retired(iam: Iam, user: str, key_id: str) -> None:
-    iam.untag(user, [RETIRED + key_id])
+    """Key ``key_id`` is gone (or back in service): no record of it is left."""
+    iam.untag(user, [RETIRED + key_id, SUPERSEDED + key_id, IN_USE + key_id])
+
+
+def _in_use_value(seen: InUse) -> str:
+    return f"{format_time(seen.used)} {format_time(seen.seen)}"
+
+
+def record_in_use(iam: Iam, user: str, key_id: str, seen: InUse) -> None:
+    iam.tag(user, {IN_USE + key_id: _in_use_value(seen)})
+
+
+def record_retired(iam: Iam, user: str, key_id: str, delete_after: datetime) -> None:
+    """A superseded key about to be deactivated (outside a rotation) may be deleted after ``delete_after``."""
+    iam.tag(user, {RETIRED + key_id: format_time(delete_after)})
 
 
 class Journal:
@@ -190,12 +230,18 @@ class Journal:
     def pushing(self) -> None:
         self._write({PHASE: Phase.PUSHING.value})
 
-    def retiring(self, old_key: str | None, delete_after: datetime | None) -> None:
+    def retiring(self, old_key: str | None, delete_after: datetime | None, *,
+                 superseded_at: datetime | None = None, in_use: InUse | None = None) -> None:
         """Every sink and consumer holds the new key; ``old_key`` is about to be deactivated (and, with a
-        grace, recorded as retired until ``delete_after``)."""
+        grace, recorded as retired until ``delete_after``), or kept active for now, recorded as superseded
+        since ``superseded_at`` (its last use is checked later)."""
         tags = {PHASE: Phase.RETIRING.value}
         if old_key and delete_after is not None:
             tags[RETIRED + old_key] = format_time(delete_after)
+        if old_key and superseded_at is not None:
+            tags[SUPERSEDED + old_key] = format_time(superseded_at)
+        if old_key and in_use is not None:
+            tags[IN_USE + old_key] = _in_use_value(in_use)
         self._write(tags)
 
     def rolling_back(self) -> None:
@@ -209,9 +255,13 @@ class Journal:
         self.new_key = new_key
         self._new_key_on_record = True
 
-    def finish(self, *, deleted_retired: str | None = None) -> None:
-        """The rotation is over (done or undone): its state goes; so does the retired mark of a key deleted."""
-        self.iam.untag(self.user, [*_STATE_TAGS, *([RETIRED + deleted_retired] if deleted_retired else [])])
+    def finish(self, *, forget: str | None = None, unretire: str | None = None) -> None:
+        """The rotation is over (done or undone): its state goes, and every mark of key ``forget`` (deleted,
+        or back in service after an undo), and the retired mark of ``unretire`` (kept active after all: an
+        earlier try at this retire step marked it before it was stopped)."""
+        marks = [RETIRED + forget, SUPERSEDED + forget, IN_USE + forget] if forget else []
+        marks += [RETIRED + unretire] if unretire else []
+        self.iam.untag(self.user, [*_STATE_TAGS, *marks])
         self.owning = False
 
     def release(self) -> None:

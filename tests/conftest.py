@@ -39,7 +39,7 @@ region = us-east-1
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request
 
 # Fast but real propagation settings: every rotation still waits for consecutive STS successes.
-FAST = {"propagation_timeout": "10s", "propagation_interval": "0s", "propagation_successes": 2}
+FAST = {"propagation_timeout": "10s", "propagation_interval": "0s", "propagation_successes": 2, "last_use_lag": "0s"}
 
 
 @pytest.fixture(scope="session")

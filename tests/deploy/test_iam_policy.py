@@ -57,17 +57,19 @@ def user_arn(name: str, path: str = "/") -> str:
     return f"arn:aws:iam::{ACCOUNT}:user{path}{name}"
 
 
-def enforce_resources(policy: dict[str, Any], key_id: str, arns: dict[str, str]) -> Any:
+def enforce_resources(policy: dict[str, Any], key_id: str, arns: dict[str, str], aws: Aws) -> Any:
     """A proxy rule doing the half of IAM's check that moto skips: an IAM call signed with ``key_id``
     whose action the policy grants is denied unless it is granted on the target user's ARN (``arns``:
-    the users the test created). A call whose action the policy lacks goes on to moto, which denies it."""
+    the users the test created). A call whose action the policy lacks goes on to moto, which denies it.
+    GetAccessKeyLastUsed names no user: IAM checks it against the user that owns the key."""
     caller = user_arn(IDENTITY)
 
     def rule(call: Call) -> Reply | None:
         action = f"iam:{call.action}"
         if call.access_key != key_id or call.action == "GetCallerIdentity" or not allows(policy, action):
             return None
-        target = call.params.get("UserName")
+        target = call.params.get("UserName") or (
+            aws.owner_of(call.params.get("AccessKeyId", "")) if call.action == "GetAccessKeyLastUsed" else None)
         resource = arns.get(target, user_arn(target)) if target else caller
         if allows(policy, action, resource):
             return None
@@ -103,7 +105,7 @@ def become_identity_with(policy: dict[str, Any], aws: Aws, proxy: AwsProxy, monk
     key = aws.iam.create_access_key(UserName=IDENTITY)["AccessKey"]
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
-    proxy.rules.append(enforce_resources(policy, key["AccessKeyId"], {"app": user_arn("app", PATH)}))
+    proxy.rules.append(enforce_resources(policy, key["AccessKeyId"], {"app": user_arn("app", PATH)}, aws))
     return str(key["AccessKeyId"])
 
 

@@ -51,6 +51,8 @@ INVALID_TOKEN = Reply(403, "InvalidClientTokenId", "The security token included 
 THROTTLED = Reply(400, "Throttling", "Rate exceeded")
 
 Rule = Callable[[Call], Reply | None]
+Rewrite = Callable[[Call, bytes], bytes]
+"""An answer's body -> the body the client gets."""
 StandIn = Callable[[Call], tuple[int, bytes]]
 """(HTTP status, XML body) of AWS's answer to a call moto does not implement."""
 
@@ -76,6 +78,9 @@ class AwsProxy:
         """Rules applied after AWS has acted: the request took effect, but the client gets this answer
         instead (a reply lost to a timeout or a proxy)."""
         self.holds: list[Hold] = []
+        self.rewrites: list[Rewrite] = []
+        """Applied to AWS's answers, in order: what the client gets instead (e.g. IAM's view of a key's last
+        use, which lags behind the use)."""
         self.stand_ins: dict[str, StandIn] = {}
         """Actions moto does not implement, answered here instead: moto still authenticates and authorizes
         the request (its access control runs first, then it fails with a 500 for the missing action), and
@@ -111,6 +116,7 @@ class AwsProxy:
             self.rules.clear()
             self.lost_replies.clear()
             self.holds.clear()
+            self.rewrites.clear()
             self.calls.clear()
             self.created_at.clear()
             self.created_secrets.clear()
@@ -175,6 +181,8 @@ class AwsProxy:
             self.created_at[match.group(1)] = time.monotonic()
             if secret := _NEW_SECRET.search(payload.decode()):
                 self.created_secrets.append(secret.group(1))
+        for rewrite in list(self.rewrites):
+            payload = rewrite(call, payload)
         for rule in list(self.lost_replies):
             reply = rule(call)
             if reply is not None:

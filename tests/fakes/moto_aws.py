@@ -121,6 +121,13 @@ class Aws:
             created.append((key["AccessKeyId"], key["SecretAccessKey"]))
         return created
 
+    def owner_of(self, key_id: str) -> str | None:
+        """The user an access key belongs to (IAM authorizes GetAccessKeyLastUsed against that user)."""
+        try:
+            return str(self.iam.get_access_key_last_used(AccessKeyId=key_id)["UserName"])
+        except Exception:
+            return None
+
     def keys(self, user: str) -> dict[str, str]:
         """key id -> Active/Inactive"""
         meta = self.iam.list_access_keys(UserName=user)["AccessKeyMetadata"]

@@ -96,7 +96,8 @@ def _service(call: Call) -> str:
 def _resources(call: Call, aws: Aws) -> list[str]:
     service = _service(call)
     if service == "iam":
-        user = call.params.get("UserName", IDENTITY)
+        user = call.params.get("UserName") or (aws.owner_of(call.params.get("AccessKeyId", ""))
+                                                if call.action == "GetAccessKeyLastUsed" else None) or IDENTITY
         return [f"arn:aws:iam::{ACCOUNT}:user/{user}"]
     body = json.loads(call.body or "{}")
     if service == "ssm":

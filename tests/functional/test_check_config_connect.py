@@ -103,7 +103,8 @@ class TestIamPermissions:
         code, lines, output = check(config)
 
         assert code == 0, output
-        unverified = ("iam permissions: ok (reads only: iam:ListAccessKeys, iam:ListUserTags work; "
+        unverified = ("iam permissions: ok (reads only: iam:ListAccessKeys, iam:ListUserTags, "
+                      "iam:GetAccessKeyLastUsed work; "
                       f"{', '.join(WRITES)} could not be verified: the user's ARN, which IAM's policy simulator "
                       "needs, could not be read (GetUser: AccessDenied); allow iam:GetUser and "
                       "iam:SimulatePrincipalPolicy to have them checked)")
@@ -114,6 +115,7 @@ class TestIamPermissions:
         assert not WRITE_ACTIONS & set(proxy.actions())
 
     @pytest.mark.parametrize(("missing", "check_name"), [("iam:ListUserTags", "iam permissions"),
+                                                         ("iam:GetAccessKeyLastUsed", "iam permissions"),
                                                          ("iam:ListAccessKeys", "iam")])
     def test_without_the_simulator_a_missing_read_fails_naming_it(
         self, aws: Aws, app: AppUser, app_config: Path, monkeypatch: pytest.MonkeyPatch, missing: str,

@@ -310,14 +310,16 @@ class TestSettingsFor:
     def test_every_rotation_setting_can_be_overridden_per_user(self) -> None:
         """A new knob in RotationSettings must also be accepted (and applied) on a user."""
         overrides = {"max_key_age": "1d", "delete_after": "2h", "propagation_timeout": "3m",
-                     "propagation_successes": 7, "propagation_interval": "4s"}
+                     "propagation_successes": 7, "propagation_interval": "4s", "old_key_in_use": "retire",
+                     "last_use_lag": "5m", "old_key_max_wait": "6d"}
         assert set(overrides) == set(config.RotationSettings.model_fields)
         loaded = parse({"users": [user(**overrides)]})
         settings = loaded.users[0].applied_to(loaded.defaults)
         assert settings.model_dump() == {
             "max_key_age": timedelta(days=1), "delete_after": timedelta(hours=2),
             "propagation_timeout": timedelta(minutes=3), "propagation_successes": 7,
-            "propagation_interval": timedelta(seconds=4),
+            "propagation_interval": timedelta(seconds=4), "old_key_in_use": "retire",
+            "last_use_lag": timedelta(minutes=5), "old_key_max_wait": timedelta(days=6),
         }
 
 
