@@ -177,6 +177,7 @@ def the_pass(server: MotoProcess, proxy: AwsProxy, args: argparse.Namespace, wor
     with propagating(proxy, aws, args.propagation) as calls, \
             open(workdir / "pass.out", "w") as out, open(workdir / "pass.log", "w") as logs:
         started = time.perf_counter()
+        servers_before = proc_cpu_seconds(server.process.pid), process_cpu_seconds()
         arguments = ("--config", str(config), "run", "--once")
         command = rotator(*arguments)
         if args.profile:  # the same command, under cProfile in every thread (bench/profiled.py)
@@ -184,6 +185,8 @@ def the_pass(server: MotoProcess, proxy: AwsProxy, args: argparse.Namespace, wor
         child = subprocess.Popen(command, env=env, stdout=out, stderr=logs, cwd=workdir)  # noqa: S603
         _, status, usage = os.wait4(child.pid, 0)
         wall = time.perf_counter() - started
+        moto_cpu = proc_cpu_seconds(server.process.pid) - servers_before[0]
+        proxy_cpu = process_cpu_seconds() - servers_before[1]
         child.returncode = os.waitstatus_to_exitcode(status)
         seen = list(calls)
     summary = (workdir / "pass.out").read_text().splitlines()
@@ -197,7 +200,8 @@ def the_pass(server: MotoProcess, proxy: AwsProxy, args: argparse.Namespace, wor
     cpu = usage.ru_utime + usage.ru_stime
     return {"users": args.users, "seconds": wall, "rotated": rotated, "exit": child.returncode,
             "cpu_seconds": cpu, "cpu_ms_per_rotation": 1000 * cpu / rotated, "cpu_share_of_one_core": cpu / wall,
-            "peak_rss_mb": usage.ru_maxrss / 1024, **per_rotation(seen, rotated, proxy, args.propagation),
+            "peak_rss_mb": usage.ru_maxrss / 1024, "moto_cpu_seconds": moto_cpu, "proxy_cpu_seconds": proxy_cpu,
+            **per_rotation(seen, rotated, proxy, args.propagation),
             "aws": aws, "users_made": users}
 
 
@@ -287,6 +291,12 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (fields 14 and 15)
 
 
+def process_cpu_seconds() -> float:
+    """This process's CPU (user+sys, every thread): the proxy's, during a pass."""
+    times = os.times()
+    return times.user + times.system
+
+
 def proc_status(pid: int) -> dict[str, str]:
     lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
@@ -374,6 +384,10 @@ def report(args: argparse.Namespace, machine: dict[str, Any], results: dict[str,
         rows.append(("rotator's CPU per rotation", f"{one['cpu_ms_per_rotation']:.0f} ms (user+sys "
                      f"{one['cpu_seconds']:.1f} s: {100 * one['cpu_share_of_one_core']:.0f}% of one core "
                      "over the pass)"))
+        busy = one["cpu_seconds"] + one["moto_cpu_seconds"] + one["proxy_cpu_seconds"]
+        rows.append(("CPU of the pass, every process", f"{busy:.1f} s of {machine['cpus'] * one['seconds']:.1f} s "
+                     f"the {machine['cpus']} cores had: rotator {one['cpu_seconds']:.1f} s, moto's server "
+                     f"{one['moto_cpu_seconds']:.1f} s, the proxy {one['proxy_cpu_seconds']:.1f} s"))
         rows.append(("peak memory of the pass", f"{one['peak_rss_mb']:.0f} MB (max RSS)"))
     cold = results.get("cold")
     if cold:

@@ -178,7 +178,7 @@ class Attempt:
         grace = settings.delete_after
         deleted = False
         try:
-            if self._taken_over():
+            if self._taken_over(fresh_enough=True):
                 raise NeedsAttention(f"another rotator has taken over the rotation of {self.user}; not retiring "
                                      f"{self.old_key} from here")
             if self.old_key:
@@ -378,17 +378,18 @@ class Attempt:
     def _still_ours(self) -> None:
         """Before a write to a sink or a consumer: stop (``TakenOver``) if another rotator took the rotation
         over while this process was stuck, as it would then write a key the other may have deleted."""
-        if self.journal.owning and not self.journal.owned_by_this_process():
+        if self.journal.owning and not self.journal.still_owned():
             raise TakenOver(f"another rotator has taken over the rotation of {self.user}; this one stops "
                             "without writing anything more")
 
-    def _taken_over(self) -> bool:
+    def _taken_over(self, *, fresh_enough: bool = False) -> bool:
         """Whether another rotator has taken over (or ended) the rotation this process recorded. Then this
-        process must not touch anything: its receipts describe a world that has moved on."""
+        process must not touch anything: its receipts describe a world that has moved on. ``fresh_enough``:
+        a read that found it ours a moment ago stands (``Journal.still_owned``)."""
         if not self.journal.owning:
             return False
         try:
-            return not self.journal.owned_by_this_process()
+            return not (self.journal.still_owned() if fresh_enough else self.journal.owned_by_this_process())
         except RotatorError:  # IAM, or the shutdown deadline
             return False  # cannot tell; what follows needs IAM as well and reports its own failure
 

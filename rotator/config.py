@@ -218,7 +218,7 @@ class ServiceConfig(Model):
     shorter than ``interval``. Unset: a tenth of ``interval``, at most 5m (see ``interval_jitter``)."""
     listen: ListenAddress | None = "127.0.0.1:9090"
     """host:port of /healthz, /readyz and /metrics ([IPv6]:port); null turns the server off."""
-    concurrency: int = Field(default=4, ge=1, le=64)
+    concurrency: int = Field(default=16, ge=1, le=256)
     """How many users rotate at the same time."""
     shutdown_timeout: Annotated[Duration, within(ONE_DAY)] = timedelta(seconds=60)
     """On SIGTERM, how long in-flight rotations get to finish or roll back."""

@@ -78,7 +78,7 @@ def _render(model: Any, user: str, where: str) -> Any:
 class Fleet:
     def __init__(self, config: Config, make_client: ClientFactory | None = None) -> None:
         self.config = config
-        self._make_client = make_client or session_client_factory(config.aws)
+        self._make_client = make_client or session_client_factory(config.aws, pool=config.service.concurrency)
         self._iams: dict[str | None, Iam] = {}
         self._own_account_id: str | None = None
         self._lock = threading.Lock()

@@ -76,8 +76,12 @@ ClientFactory = Callable[..., Any]
 _NO_KEY: Final = Credentials("ROTATOR-NO-KEY", Secret("unset"))
 
 
-def session_client_factory(aws: AwsConfig) -> ClientFactory:
+def session_client_factory(aws: AwsConfig, *, pool: int = 10) -> ClientFactory:
     """Clients from the standard chain, or from explicit credentials when given.
+
+    ``pool``: how many connections a client keeps open (botocore's default is 10); the clients every
+    rotation of a pass shares need one per rotation in flight, or each call over the pool's size opens a
+    connection (a TLS handshake, against AWS) that is then thrown away.
 
     Every client comes from one session per factory (so per process), which loads each service's model
     once: a client of a key's own (a probe's) then costs little memory, however many rotations are in
@@ -96,7 +100,7 @@ def session_client_factory(aws: AwsConfig) -> ClientFactory:
         import botocore.config
 
         settings = _STS_CHECK if check else _ONCE if once else _RETRIES
-        kwargs: dict[str, Any] = {"config": botocore.config.Config(**settings)}
+        kwargs: dict[str, Any] = {"config": botocore.config.Config(**settings, max_pool_connections=max(pool, 10))}
         if aws.endpoint_url:
             kwargs["endpoint_url"] = aws.endpoint_url
         if credentials is not None:  # the key speaks for itself; the chain is not consulted

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections import Counter
 from pathlib import Path
 
 from tests.conftest import (
@@ -101,6 +102,48 @@ class TestSuccessfulRotation:
         assert result.exit_code == 0, result.stderr
         assert proxy.actions().count("CreateAccessKey") == 4
         assert_invariants(aws, "app", [(app.credentials_file, "app")])
+
+
+class TestIamCalls:
+    """Issue 12: IAM's request rate is what a fleet pass shares, so a rotation makes at most 9 IAM calls:
+    the state and key reads, the intent, CreateAccessKey, the new key's id, one ownership read before the
+    first sink write (the reads that follow it within seconds stand on it), UpdateAccessKey,
+    DeleteAccessKey and the state's removal."""
+
+    @staticmethod
+    def counted(proxy: AwsProxy) -> Counter[str]:
+        return Counter(a for a in proxy.actions() if a not in ("GetCallerIdentity", "AssumeRole"))
+
+    def test_a_one_sink_rotation_makes_nine(
+        self, aws: Aws, app: AppUser, write_config: ConfigWriter, proxy: AwsProxy
+    ) -> None:
+        """Invariants 1 and 4 hold with the calls counted: the file holds the new key, the old one is gone."""
+        config = write_config([{"name": "app", "sinks": [file_sink(app)]}], old_key_in_use="retire",
+                              last_use_lag="4h")
+        proxy.reset()
+
+        result = run("--config", config, "rotate", "--user", "app")
+
+        assert result.exit_code == 0, result.stderr
+        assert self.counted(proxy) == Counter({"ListUserTags": 2, "TagUser": 2, "ListAccessKeys": 1,
+                                               "CreateAccessKey": 1, "UpdateAccessKey": 1, "DeleteAccessKey": 1,
+                                               "UntagUser": 1}), proxy.actions()
+        assert_invariants(aws, "app", [(app.credentials_file, "app")])
+
+    def test_three_sinks_take_no_more(
+        self, aws: Aws, app: AppUser, write_config: ConfigWriter, proxy: AwsProxy, tmp_path: Path
+    ) -> None:
+        """Invariant 1 over three sinks: each write is guarded, by one ownership read for all three."""
+        others = [tmp_path / name / "credentials" for name in ("ci", "batch")]
+        sinks = [file_sink(app)] + [{"type": "credentials_file", "path": str(p), "profile": "app"} for p in others]
+        config = write_config([{"name": "app", "sinks": sinks}], old_key_in_use="retire", last_use_lag="4h")
+        proxy.reset()
+
+        result = run("--config", config, "rotate", "--user", "app")
+
+        assert result.exit_code == 0, result.stderr
+        assert sum(self.counted(proxy).values()) == 9, proxy.actions()
+        assert_invariants(aws, "app", [(app.credentials_file, "app"), *((p, "app") for p in others)])
 
 
 class TestDryRun:
