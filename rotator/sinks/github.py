@@ -145,7 +145,7 @@ class GithubSinkConfig(SinkConfig):
     api_url: HttpUrl = "https://api.github.com"
     """GitHub's REST API; for GitHub Enterprise Server ``https://HOST/api/v3``."""
     token_file: LocalPath | None = None
-    """A file holding the token; unset (and no ``app``): the environment variable GITHUB_TOKEN."""
+    """A file holding the token; unset (and no ``app``): the environment variable GITHUB_TOKEN, else GH_TOKEN."""
     app: GithubApp | None = None
     """Authenticate as a GitHub App installation."""
     timeout: RequestTimeout = timedelta(seconds=30)

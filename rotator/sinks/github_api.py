@@ -1,6 +1,6 @@
-"""GitHub's REST API as the github sink uses it: a token (``GITHUB_TOKEN``, a file, or a GitHub App's
-installation token), requests with GitHub's headers, and every failure as a ``GithubFailure`` that is safe
-to show.
+"""GitHub's REST API as the github sink uses it: a token (``GITHUB_TOKEN`` or ``GH_TOKEN``, a file, or a
+GitHub App's installation token), requests with GitHub's headers, and every failure as a ``GithubFailure``
+that is safe to show.
 
 A GitHub App signs a JWT (RS256) with its private key and trades it for an installation token, asking only
 for the permissions the sink needs (and only its repository); the token is kept until five minutes before it
@@ -93,7 +93,8 @@ def _b64url(data: bytes) -> str:
 
 
 class GithubApi:
-    """Requests to one GitHub (``api_url``), with a token from ``token_file``, an App, or ``GITHUB_TOKEN``."""
+    """Requests to one GitHub (``api_url``), with a token from ``token_file``, an App, or ``GITHUB_TOKEN``
+    (else ``GH_TOKEN``)."""
 
     def __init__(self, api_url: str, timeout: float, *, token_file: str | None = None,
                  app: AppCredentials | None = None) -> None:
@@ -116,7 +117,9 @@ class GithubApi:
     def describe_auth(self) -> str:
         if self._app:
             return f"GitHub App {self._app.app_id} (installation {self._app.installation_id})"
-        return f"the token in {self._token_file}" if self._token_file else "GITHUB_TOKEN"
+        if self._token_file:
+            return f"the token in {self._token_file}"
+        return "GITHUB_TOKEN" if os.environ.get("GITHUB_TOKEN", "").strip() or not _gh_token() else "GH_TOKEN"
 
     # -- requests ---------------------------------------------------------------------------------------
 
@@ -198,9 +201,10 @@ class GithubApi:
                 raise GithubFailure(f"cannot read the token file {self._token_file}: {exc.strerror}",
                                     status=0) from None
         else:
-            token = os.environ.get("GITHUB_TOKEN", "").strip()
+            token = os.environ.get("GITHUB_TOKEN", "").strip() or _gh_token()
         if not token:
-            where = f"the token file {self._token_file} is empty" if self._token_file else "GITHUB_TOKEN is not set"
+            where = (f"the token file {self._token_file} is empty" if self._token_file else
+                     "neither GITHUB_TOKEN nor GH_TOKEN is set")
             raise GithubFailure(f"no GitHub token: {where}", status=0)
         log.register_secret(token)
         return token
@@ -239,3 +243,8 @@ def _json(raw: bytes) -> Any:
         return json.loads(raw)
     except ValueError:
         return None
+
+
+def _gh_token() -> str:
+    """The GitHub CLI's variable, read when ``GITHUB_TOKEN`` is unset or empty."""
+    return os.environ.get("GH_TOKEN", "").strip()

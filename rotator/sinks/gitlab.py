@@ -26,6 +26,7 @@ fails in doubt, the engine keeps the key it carried, and ``rotator recover`` set
 Rollback puts each variable's value back, or deletes a variable the write created (and recreates, with its
 flags, one that someone deleted since).
 
+A rate-limited request (429, refused before anything is applied) is sent again after its ``Retry-After``.
 Errors name the sink, the user and what GitLab said (its status, and for a refused value only which field
 it refused), never a value or the token.
 """
@@ -35,6 +36,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import re
 import urllib.error
 import urllib.request
@@ -61,6 +63,7 @@ _PATH: Final = re.compile(rf"^(\d+|{_SEGMENT}(/{_SEGMENT})*)$")
 # A request is sent within one timeout of the read before it; GitLab (Puma) ends a request it is still
 # working on after 60s. Two writes follow one read; five minutes more cover clock skew between hosts.
 _APPLIED_WITHIN: Final = timedelta(seconds=60)
+_RETRIES: Final = 3  # after a rate limit (429)
 
 
 def _gitlab_path(value: str) -> str:
@@ -297,7 +300,24 @@ class GitlabSink(Sink[GitlabSinkConfig]):
     def _call(self, method: str, url: str, *, what: str, payload: dict[str, Any] | None = None,
               accept: tuple[int, ...] = ()) -> tuple[int, Any]:
         """(status, parsed JSON) of a 2xx answer or one in ``accept``; any other is a ``StoreFailure``, in doubt
-        when a write was sent and no answer (or a server error) came back."""
+        when a write was sent and no answer (or a server error) came back. A rate limit (429, which GitLab
+        answers before applying anything) is waited out (``Retry-After``, at most 30 s) up to ``_RETRIES``
+        times."""
+        for attempt in range(_RETRIES + 1):
+            status, retry_after, body = self._send(method, url, what=what, payload=payload)
+            if status == 429 and attempt < _RETRIES:
+                told = _seconds(retry_after)
+                wait = min(2.0 ** attempt if told is None else told, 30.0)
+                shutdown.sleep(wait * (1 + random.random() / 4))  # noqa: S311 (jitter, not a secret)
+                continue
+            if 200 <= status < 300 or status in accept:
+                return status, body
+            raise StoreFailure(self._refused(what, status, body), in_doubt=method != "GET" and status >= 500)
+        raise AssertionError("unreachable")
+
+    def _send(self, method: str, url: str, *, what: str,
+              payload: dict[str, Any] | None) -> tuple[int, str | None, Any]:
+        """One request: its status, ``Retry-After`` and parsed JSON body."""
         data = json.dumps(payload).encode() if payload is not None else None
         headers = {"PRIVATE-TOKEN": self._read_token().reveal(), "Accept": "application/json"}
         if data is not None:
@@ -307,9 +327,9 @@ class GitlabSink(Sink[GitlabSinkConfig]):
         try:
             timeout = shutdown.bounded(self.config.timeout.total_seconds())
             with urllib.request.urlopen(request, timeout=timeout) as answer:  # noqa: S310
-                status, raw = int(answer.status), answer.read()
+                status, retry_after, raw = int(answer.status), answer.headers.get("Retry-After"), answer.read()
         except urllib.error.HTTPError as exc:
-            status, raw = exc.code, exc.read()
+            status, retry_after, raw = exc.code, exc.headers.get("Retry-After"), exc.read()
         except urllib.error.URLError as exc:  # connecting or sending failed: GitLab got no whole request
             raise StoreFailure(f"{what}: cannot reach {self.config.url}: {_reason(exc.reason)}") from None
         except (OSError, http.client.HTTPException) as exc:  # sent, and no answer came
@@ -319,9 +339,7 @@ class GitlabSink(Sink[GitlabSinkConfig]):
             body = json.loads(raw) if raw else None
         except ValueError:
             body = None
-        if 200 <= status < 300 or status in accept:
-            return status, body
-        raise StoreFailure(self._refused(what, status, body), in_doubt=writing and status >= 500)
+        return status, retry_after, body
 
     def _refused(self, what: str, status: int, body: Any) -> str:
         kind, owner = self.config.owner()
@@ -372,6 +390,14 @@ def _message(body: Any) -> str:
             if isinstance(body.get(name), str):
                 return " ".join(str(body[name]).split())
     return ""
+
+
+def _seconds(retry_after: str | None) -> float | None:
+    """``Retry-After`` in seconds (GitLab sends a number); None when absent or not a number."""
+    try:
+        return max(float(retry_after), 0.0) if retry_after else None
+    except ValueError:
+        return None
 
 
 def _reason(exc: object) -> str:

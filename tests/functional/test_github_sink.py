@@ -5,6 +5,7 @@ it checks."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 from collections.abc import Iterator
@@ -152,6 +153,23 @@ class TestRotate:
         assert result.exit_code == 0, result.stderr
         assert assert_holds_a_working_key(aws, github, f"{REPO}:production") == assert_holds_a_working_key(
             aws, github, "org:acme")
+
+    def test_gh_token_is_read_when_github_token_is_unset(
+        self, aws: Aws, app: AppUser, write_config: ConfigWriter, github: FakeGithub, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The GitHub CLI's variable stands in for GITHUB_TOKEN; with neither, the error names both and
+        nothing is touched (invariant 1)."""
+        token = os.environ["GITHUB_TOKEN"]
+        monkeypatch.delenv("GITHUB_TOKEN")
+        config = write_config([{"name": "app", "sinks": [sink(github)]}])
+
+        refused = run("--config", config, "rotate", "--user", "app")
+        monkeypatch.setenv("GH_TOKEN", token)
+        result = run("--config", config, "rotate", "--user", "app")
+
+        assert refused.exit_code == 1 and "neither GITHUB_TOKEN nor GH_TOKEN is set" in refused.stderr, refused.stderr
+        assert result.exit_code == 0, result.stderr
+        assert assert_holds_a_working_key(aws, github) != app.key_id
 
     def test_a_github_app_installation_token_asks_only_for_what_the_sink_needs(
         self, aws: Aws, app: AppUser, write_config: ConfigWriter, github: FakeGithub, tmp_path: Path,
