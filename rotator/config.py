@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import (
     AfterValidator,
@@ -120,6 +120,26 @@ class SinkConfig(Model):
         Vault path and field, a Secret and data key). Two users may never share a slot: each would
         overwrite the key the other's consumers use. By default a sink's whole config is one slot."""
         return frozenset({f"{self.type} {self.model_dump_json(exclude={'type'})}"})
+
+
+class NamePair(Model):
+    """The two names a sink keeps a key under, one for its id and one for its secret (variables, files,
+    fields, data keys, ...). A subclass gives the defaults, checks each name as its store requires, and
+    says what the names are (``kind``); here: the two must not be one."""
+
+    kind: ClassVar[str] = "names"
+    access_key_id: str
+    secret_access_key: str
+
+    def same(self, first: str, second: str) -> bool:
+        """Whether the store takes the two names for one (some ignore case, or read a name out of an ARN)."""
+        return first == second
+
+    @model_validator(mode="after")
+    def _distinct(self) -> Self:
+        if self.same(self.access_key_id, self.secret_access_key):
+            raise ValueError(f"access_key_id and secret_access_key must name different {self.kind}")
+        return self
 
 
 class ProbeConfig(Model):

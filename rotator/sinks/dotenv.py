@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import field_validator
 
-from rotator.config import Model, SinkConfig
+from rotator.config import NamePair, SinkConfig
 from rotator.config_fields import LocalPath
 from rotator.credentials import Credentials, Secret
 from rotator.errors import SinkError
@@ -49,7 +49,8 @@ _WRITABLE = re.compile(r"^[A-Za-z0-9/+=_.:@,-]+$")
 """What a value rotator writes may be made of: nothing any reader would quote, escape or expand."""
 
 
-class EnvVariables(Model):
+class EnvVariables(NamePair):
+    kind = "variables"
     access_key_id: str = "AWS_ACCESS_KEY_ID"
     secret_access_key: str = "AWS_SECRET_ACCESS_KEY"  # noqa: S105 (a variable name, not a secret)
 
@@ -59,12 +60,6 @@ class EnvVariables(Model):
         if not _VARIABLE.match(value):
             raise ValueError("a variable name is letters, digits and _, not starting with a digit")
         return value
-
-    @model_validator(mode="after")
-    def _distinct(self) -> EnvVariables:
-        if self.access_key_id == self.secret_access_key:
-            raise ValueError("access_key_id and secret_access_key must name different variables")
-        return self
 
 
 class DotenvSinkConfig(SinkConfig):

@@ -34,10 +34,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import field_validator
 
 from rotator import log
-from rotator.config import Model, SinkConfig
+from rotator.config import NamePair, SinkConfig
 from rotator.config_fields import LocalPath
 from rotator.credentials import Credentials, Secret
 from rotator.errors import SinkError
@@ -49,7 +49,8 @@ Pair = tuple[str | None, str | None]
 """(key id file's content, secret file's content); None: no such file."""
 
 
-class FileNames(Model):
+class FileNames(NamePair):
+    kind = "files"
     access_key_id: str = "aws_access_key_id"
     secret_access_key: str = "aws_secret_access_key"  # noqa: S105 (a file name, not a secret)
 
@@ -61,12 +62,6 @@ class FileNames(Model):
         if value.startswith(".") and value.endswith((".rotator.lock", ".rotator-intent", ".rotator.tmp")):
             raise ValueError("names ending in .rotator.lock, .rotator-intent or .rotator.tmp are rotator's own")
         return value
-
-    @model_validator(mode="after")
-    def _distinct(self) -> FileNames:
-        if self.access_key_id == self.secret_access_key:
-            raise ValueError("access_key_id and secret_access_key must name different files")
-        return self
 
 
 class FilesSinkConfig(SinkConfig):

@@ -49,7 +49,7 @@ from typing import Any, ClassVar, Final, Literal, NoReturn
 from pydantic import Field, field_validator, model_validator
 
 from rotator import log, shutdown
-from rotator.config import Model, RequestTimeout, SinkConfig
+from rotator.config import Model, NamePair, RequestTimeout, SinkConfig
 from rotator.config_fields import PLACEHOLDER, HttpUrl, LocalPath
 from rotator.credentials import Credentials, Secret
 from rotator.errors import SinkError
@@ -98,7 +98,8 @@ def _secret_name(value: str) -> str:
     return value
 
 
-class GithubSecretNames(Model):
+class GithubSecretNames(NamePair):
+    kind = "secrets"
     access_key_id: str = "AWS_ACCESS_KEY_ID"
     """The secret holding the key id."""
     secret_access_key: str = "AWS_SECRET_ACCESS_KEY"  # noqa: S105 (a secret's name, not a secret)
@@ -109,11 +110,8 @@ class GithubSecretNames(Model):
     def _name(cls, value: str) -> str:
         return _secret_name(value)
 
-    @model_validator(mode="after")
-    def _distinct(self) -> GithubSecretNames:
-        if self.access_key_id.upper() == self.secret_access_key.upper():  # GitHub names ignore case
-            raise ValueError("access_key_id and secret_access_key must name different secrets")
-        return self
+    def same(self, first: str, second: str) -> bool:
+        return first.upper() == second.upper()  # GitHub names ignore case
 
 
 class GithubApp(Model):

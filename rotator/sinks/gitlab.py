@@ -49,7 +49,7 @@ from urllib.parse import quote, urlencode, urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from rotator import log, shutdown
-from rotator.config import Model, RequestTimeout, SinkConfig
+from rotator.config import NamePair, RequestTimeout, SinkConfig
 from rotator.config_fields import PLACEHOLDER, LocalPath, http_server, http_url
 from rotator.credentials import Credentials, Secret
 from rotator.errors import SinkError
@@ -72,7 +72,8 @@ def _gitlab_path(value: str) -> str:
     return value
 
 
-class VariableNames(Model):
+class VariableNames(NamePair):
+    kind = "variables"
     access_key_id: str = "AWS_ACCESS_KEY_ID"
     secret_access_key: str = "AWS_SECRET_ACCESS_KEY"  # noqa: S105 (a variable name, not a secret)
 
@@ -82,12 +83,6 @@ class VariableNames(Model):
         if not _KEY.match(value):
             raise ValueError("a GitLab variable key is 1-255 letters, digits and _")
         return value
-
-    @model_validator(mode="after")
-    def _distinct(self) -> VariableNames:
-        if self.access_key_id == self.secret_access_key:
-            raise ValueError("access_key_id and secret_access_key must name different variables")
-        return self
 
 
 class GitlabSinkConfig(SinkConfig):

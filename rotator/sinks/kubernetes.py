@@ -27,10 +27,10 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from rotator import kube, log
-from rotator.config import Duration, Model, RequestTimeout, SinkConfig
+from rotator.config import Duration, NamePair, RequestTimeout, SinkConfig
 from rotator.config_fields import ONE_DAY, LocalPath, dns_label, dns_subdomain, kube_cluster, within
 from rotator.credentials import Credentials, Secret
 from rotator.errors import DependencyError, SinkError
@@ -49,8 +49,10 @@ _ANNOTATIONS = (KEY_ID_ANNOTATION, ROTATED_AT_ANNOTATION)
 _DATA_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
 
 
-class SecretKeys(Model):
+class SecretKeys(NamePair):
     """The Secret's data keys that hold the access key."""
+
+    kind = "data keys"
 
     access_key_id: str = "AWS_ACCESS_KEY_ID"
     secret_access_key: str = "AWS_SECRET_ACCESS_KEY"  # noqa: S105 (a data key name, not a secret)
@@ -61,12 +63,6 @@ class SecretKeys(Model):
         if not _DATA_KEY.match(value):
             raise ValueError("a Secret data key is 1-253 of letters, digits, '-', '_' and '.'")
         return value
-
-    @model_validator(mode="after")
-    def _distinct(self) -> SecretKeys:
-        if self.access_key_id == self.secret_access_key:
-            raise ValueError("access_key_id and secret_access_key must be different data keys")
-        return self
 
 
 class KubernetesSinkConfig(SinkConfig):

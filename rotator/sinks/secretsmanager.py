@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Final, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from rotator.config import Model, SinkConfig
+from rotator.config import NamePair, SinkConfig
 from rotator.config_fields import PLACEHOLDER
 from rotator.credentials import Credentials, Secret
 from rotator.errors import SinkError
@@ -67,7 +67,8 @@ _SUFFIX: Final = re.compile(r"-[A-Za-z0-9]{6}$")
 _EMPTY: Final = "{}"
 
 
-class SecretFields(Model):
+class SecretFields(NamePair):
+    kind = "fields"
     access_key_id: str = "aws_access_key_id"
     secret_access_key: str = "aws_secret_access_key"  # noqa: S105 (a field name, not a secret)
 
@@ -77,12 +78,6 @@ class SecretFields(Model):
         if not 0 < len(value) <= 256 or not value.isprintable():
             raise ValueError("a field name is 1-256 printable characters")
         return value
-
-    @model_validator(mode="after")
-    def _distinct(self) -> SecretFields:
-        if self.access_key_id == self.secret_access_key:
-            raise ValueError("access_key_id and secret_access_key must name different fields")
-        return self
 
 
 class SecretsManagerSinkConfig(AwsSinkConfig):

@@ -36,7 +36,7 @@ from typing import Any, ClassVar, Final, Literal
 from pydantic import field_validator, model_validator
 
 from rotator import log
-from rotator.config import Model, SinkConfig
+from rotator.config import NamePair, SinkConfig
 from rotator.config_fields import PLACEHOLDER
 from rotator.credentials import Credentials, Secret
 from rotator.errors import SinkError
@@ -81,7 +81,8 @@ def _parameter_name(value: str) -> str:
     return value
 
 
-class ParameterNames(Model):
+class ParameterNames(NamePair):
+    kind = "parameters"
     access_key_id: str
     """The parameter holding the key id, e.g. ``/app/aws/access_key_id``."""
     secret_access_key: str
@@ -92,11 +93,8 @@ class ParameterNames(Model):
     def _name(cls, value: str) -> str:
         return _parameter_name(value)
 
-    @model_validator(mode="after")
-    def _distinct(self) -> ParameterNames:
-        if _parameter(self.access_key_id)[1] == _parameter(self.secret_access_key)[1]:
-            raise ValueError("access_key_id and secret_access_key must name different parameters")
-        return self
+    def same(self, first: str, second: str) -> bool:
+        return _parameter(first)[1] == _parameter(second)[1]  # a name, or the name in an ARN
 
 
 class SsmSinkConfig(AwsSinkConfig):

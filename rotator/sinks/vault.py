@@ -21,10 +21,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from rotator import log
-from rotator.config import Model, RequestTimeout, SinkConfig
+from rotator.config import NamePair, RequestTimeout, SinkConfig
 from rotator.config_fields import LocalPath, http_server, http_url, vault_path
 from rotator.credentials import Credentials, Secret
 from rotator.errors import SinkError
@@ -38,7 +38,8 @@ def _env(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
-class VaultFields(Model):
+class VaultFields(NamePair):
+    kind = "fields"
     access_key_id: str = "aws_access_key_id"
     secret_access_key: str = "aws_secret_access_key"  # noqa: S105 (a field name, not a secret)
 
@@ -48,12 +49,6 @@ class VaultFields(Model):
         if not 0 < len(value) <= 256 or not value.isprintable():
             raise ValueError("a field name is 1-256 printable characters")
         return value
-
-    @model_validator(mode="after")
-    def _distinct(self) -> VaultFields:
-        if self.access_key_id == self.secret_access_key:
-            raise ValueError("access_key_id and secret_access_key must name different fields")
-        return self
 
 
 class VaultSinkConfig(SinkConfig):

@@ -65,7 +65,7 @@ class TestSinkConfig:
         ("namespace", "Team", "users[0].sinks[0].namespace: not a namespace name"),
         ("name", "app_aws", "users[0].sinks[0].name: not a Secret name"),
         ("keys", {"access_key_id": "a key"}, "users[0].sinks[0].keys.access_key_id: a Secret data key"),
-        ("keys", {"access_key_id": "K", "secret_access_key": "K"}, "must be different data keys"),
+        ("keys", {"access_key_id": "K", "secret_access_key": "K"}, "must name different data keys"),
         ("rollout_timeout", "0s", "users[0].sinks[0].rollout_timeout: must be longer than 0s"),
         ("conflict_retries", -1, "users[0].sinks[0].conflict_retries"),
         ("restrat", [], "users[0].sinks[0].restrat: unknown key"),
