@@ -45,12 +45,13 @@ class RecoveryPlan:
 
 def decide(pending: state.Pending, keys: list[AccessKey], retired: dict[str, datetime],
            holders_of_new: int, old_readable: bool, *, new_readable: bool = True,
-           every_sink_holds_new: bool = False, write_only: str = "") -> RecoveryPlan:
+           every_sink_holds_new: bool = False, write_only: str = "", others: str = "") -> RecoveryPlan:
     """What to do with an interrupted rotation, given the keys in IAM and what the sinks hold.
 
     ``old_readable`` / ``new_readable``: a sink that gives secrets back holds that key (only then can it be
     put back, or probed and pushed on); ``write_only``: the sinks that hold the new key but cannot give its
-    secret back (GitHub), for the message when neither way is open."""
+    secret back (GitHub), and ``others``: the sinks that do not hold it whole, for the message when neither
+    way is open."""
     if pending.new_key is None:
         strays = find_strays(pending.started, pending.old_key, keys, retired)
         if strays:
@@ -75,7 +76,8 @@ def decide(pending: state.Pending, keys: list[AccessKey], retired: dict[str, dat
         advice = (  # deactivating the old key is safe only once no sink holds it (or a part of the new one)
             f"If the consumers work with {pending.new_key}, deactivate {pending.old_key} yourself and run "
             "`rotator recover` again to finish" if every_sink_holds_new else
-            f"Not every sink holds {pending.new_key} whole: the others still hold {pending.old_key} (or hold "
+            f"Not every sink holds {pending.new_key} whole: the others{f' ({others})' if others else ''} still "
+            f"hold {pending.old_key} (or hold "
             f"{pending.new_key} only in part), so do not deactivate {pending.old_key}, whose consumers would lose "
             f"their key. Write {pending.old_key} with its secret into {write_only or 'the sinks holding the new key'}"
             f" yourself (for GitHub, both secrets, then the record variable set to {pending.old_key}), then run "
@@ -105,8 +107,10 @@ def recover(rotation: Rotation, current: state.UserState, keys: list[AccessKey],
     new = next((c for c in secrets if c.access_key_id == pending.new_key), None)
     old = next((c for c in secrets if pending.old_key and c.access_key_id == pending.old_key), None)
     write_only = ", ".join(rotation.sinks[i].name for i in sorted(new_holders) if not rotation.sinks[i].reads_secret)
+    others = ", ".join(sink.name for i, sink in enumerate(rotation.sinks) if i not in new_holders - cut)
     plan = decide(pending, keys, current.retired, len(new_holders), old is not None, new_readable=new is not None,
-                  every_sink_holds_new=len(new_holders - cut) == len(rotation.sinks), write_only=write_only)
+                  every_sink_holds_new=len(new_holders - cut) == len(rotation.sinks), write_only=write_only,
+                  others=others)
     summary = (f"interrupted rotation ({pending.phase.value}{', rolling back' if pending.rolling_back else ''}): "
                f"{plan.action.value}, {plan.reason}")
     if dry_run:

@@ -10,6 +10,7 @@ request that marks them, never by sleeping and hoping (sleeps here only let whol
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -311,6 +312,8 @@ class TestGithubStuckAdvice:
         assert stuck.exit_code == 3, stuck.output
         assert f"deactivate {app.key_id} yourself" not in stuck.stderr, (
             "recover advises deactivating the old key, which the environment's secrets still hold: " + stuck.stderr)
+        others = re.search(rf"the others \(([^)]*)\) still hold {app.key_id}", stuck.stderr)
+        assert others and "production" in others[1] and others[1].count("github") == 1, stuck.stderr
 
 
 class TestRecoveryKeepsAfterRetiredMark:
