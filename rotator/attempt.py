@@ -178,7 +178,7 @@ class Attempt:
         grace = settings.delete_after
         deleted = False
         try:
-            if self._taken_over(fresh_enough=True):
+            if self._taken_over():
                 raise NeedsAttention(f"another rotator has taken over the rotation of {self.user}; not retiring "
                                      f"{self.old_key} from here")
             if self.old_key:
@@ -378,20 +378,22 @@ class Attempt:
     def _still_ours(self) -> None:
         """Before a write to a sink or a consumer: stop (``TakenOver``) if another rotator took the rotation
         over while this process was stuck, as it would then write a key the other may have deleted."""
-        if self.journal.owning and not self.journal.still_owned():
+        if self.journal.owning and not self.journal.owned_by_this_process():
             raise TakenOver(f"another rotator has taken over the rotation of {self.user}; this one stops "
                             "without writing anything more")
 
-    def _taken_over(self, *, fresh_enough: bool = False) -> bool:
+    def _taken_over(self) -> bool:
         """Whether another rotator has taken over (or ended) the rotation this process recorded. Then this
-        process must not touch anything: its receipts describe a world that has moved on. ``fresh_enough``:
-        a read that found it ours a moment ago stands (``Journal.still_owned``)."""
+        process must not touch anything: its receipts describe a world that has moved on."""
         if not self.journal.owning:
             return False
         try:
-            return not (self.journal.still_owned() if fresh_enough else self.journal.owned_by_this_process())
+            taken = not self.journal.owned_by_this_process()
         except RotatorError:  # IAM, or the shutdown deadline
             return False  # cannot tell; what follows needs IAM as well and reports its own failure
+        if taken:
+            self.journal.lost()
+        return taken
 
     @contextmanager
     def _step(self, name: str, **fields: Any) -> Iterator[None]:

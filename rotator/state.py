@@ -63,11 +63,6 @@ ALIVE_FOR: Final = timedelta(minutes=15)
 the rest of the margin covers the longest single request between two beats (request timeouts are far
 shorter) and clock skew between hosts."""
 BEAT_EVERY: Final = 30.0  # seconds
-OWNERSHIP_FRESH: Final = 5.0
-"""Seconds for which a read that found the rotation still this process's stands for the next checks: the
-writes of one step (the sinks one after another, the probe, the retire) follow each other that closely.
-Taking a rotation over needs its owner silent for ``ALIVE_FOR`` (or an operator's ``recover --force``),
-so a read this fresh can only have missed a take-over that is itself seconds old."""
 
 
 class Phase(StrEnum):
@@ -214,8 +209,6 @@ class Journal:
         self._new_key_on_record = False
         """Whether recording ``new_key`` was answered: until then the record may lack it."""
         self._last_write = 0.0
-        self._confirmed: float | None = None
-        """When (``time.monotonic``, taken before the read was sent) a read last found the rotation ours."""
 
     def begin(self, old_key: str | None) -> datetime:
         """Record intent before CreateAccessKey, so that a key created just before a crash is found."""
@@ -282,6 +275,11 @@ class Journal:
         except RotatorError as exc:
             log.get().warning("could not release the rotation", user=self.user, error=str(exc))
 
+    def lost(self) -> None:
+        """A read found the rotation taken over (or ended) by another rotator: this process writes nothing more
+        to its record -- no heartbeat, no release, which would land on the new owner's record."""
+        self.owning = False
+
     def beat(self) -> None:
         """Refresh ``alive-until`` during a wait, at most every ``BEAT_EVERY`` seconds; a failure only warns
         (the next beat may succeed, and the window is long)."""
@@ -296,21 +294,10 @@ class Journal:
         """Whether the rotation recorded on the user is still this process's: no one took it over, ended it,
         or began another over it (two rotators that read "no rotation" at once both record their intent;
         the later owner must not mistake the other's new key for its own rotation)."""
-        asked = time.monotonic()
         tags = self.iam.tags(self.user)
         recorded = tags.get(NEW_KEY)
         ours = recorded == self.new_key or (recorded is None and not self._new_key_on_record)
-        owned = tags.get(OWNER) == this_owner() and ours
-        self._confirmed = asked if owned else None
-        return owned
-
-    def still_owned(self) -> bool:
-        """``owned_by_this_process``, read again unless a read found it so less than ``OWNERSHIP_FRESH``
-        seconds ago (one IAM call less for each sink after the first, and for the retire step of a rotation
-        whose probes are quick)."""
-        if self._confirmed is not None and time.monotonic() - self._confirmed < OWNERSHIP_FRESH:
-            return True
-        return self.owned_by_this_process()
+        return tags.get(OWNER) == this_owner() and ours
 
     def drop_ownerless_record(self) -> None:
         """Remove the record of this process's new key when the rotation's record has no owner any more
