@@ -27,7 +27,7 @@ from tests.fakes.moto_aws import Aws
 from tests.fakes.openbao import VaultProxy
 
 
-class TestTakeOverWithinTheFreshnessWindow:
+class TestTakeOverWhileAWriteIsInFlight:
     @pytest.mark.parametrize("take_over", ["recover-force", "stalled-owner"])
     def test_a_taken_over_rotator_does_not_write_a_key_the_new_owner_deleted(
         self, aws: Aws, proxy: AwsProxy, tmp_path: Path, write_config: ConfigWriter, vault: Any,
@@ -38,7 +38,7 @@ class TestTakeOverWithinTheFreshnessWindow:
         credentials file.
 
         A (`rotator rotate`) creates KA, reads the user's tags before its first sink write (the rotation is
-        its own: that read now stands for 5 s), and sends the check-and-set write of KA to Vault, which the
+        its own; c12abe3 let that read stand for 5 s), and sends the check-and-set write of KA to Vault, which the
         server holds. B takes the rotation over: an operator's `rotator recover --force` ("recover-force"),
         or -- "stalled-owner" -- a plain `rotator recover` that finds A's promise to be alive 20 minutes
         old, as after a VM pause that CLOCK_MONOTONIC does not count (QEMU/KVM stop/cont, a host
@@ -49,8 +49,7 @@ class TestTakeOverWithinTheFreshnessWindow:
         before the retry.
 
         Expected: the guard reads the tags again, sees the rotation is no longer A's and stops the write
-        (TakenOver); Vault keeps K0, which is Active. Observed with c12abe3: the guard
-        trusts the read made before the take-over (under 5 s of A's monotonic time ago) and A writes the
+        (TakenOver); Vault keeps K0, which is Active. Observed with c12abe3: the guard trusted the read made before the take-over (under 5 s of A's monotonic time ago) and A wrote the
         deleted KA over K0 -- then the file too: both sinks hold a key that no longer exists, and no state
         is left for a recover to notice."""
         stage = stage_user(aws, tmp_path, "app", ("vault", "file"), vault=vault, vault_url=vault_proxy.url)
