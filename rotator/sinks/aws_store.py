@@ -37,9 +37,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Self
 
-from pydantic import AfterValidator, field_validator
+from pydantic import AfterValidator, field_validator, model_validator
 
 from rotator import log, shutdown
 from rotator.config import AccountConfig, AwsConfig, Model, SinkConfig
@@ -131,6 +131,20 @@ class AwsSinkConfig(SinkConfig):
             raise ValueError("give the role to assume here, {role_arn: ..., external_id: ..., session_name: ...}; "
                              "a sink cannot refer to an entry of `accounts` by name")
         return value
+
+    @field_validator("kms_key_id", check_fields=False)  # the subclasses' field, documented for each store
+    @classmethod
+    def _kms_key(cls, value: str | None) -> str | None:
+        return kms_key(value) if value is not None else None
+
+    @model_validator(mode="after")
+    def _one_place(self) -> Self:
+        self.location()  # a ValueError when the names and settings point at more than one place
+        return self
+
+    def location(self) -> Location:
+        """Where the store is (``located`` from the ARNs the sink was given as)."""
+        raise NotImplementedError
 
     def located(self, arns: list[tuple[str, str, str]]) -> Location:
         """The store's location from the (partition, region, account) of each ARN it was given as, the

@@ -37,7 +37,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from rotator.config import NamePair, SinkConfig
 from rotator.config_fields import PLACEHOLDER
@@ -50,7 +50,6 @@ from rotator.sinks.aws_store import (
     AwsSinkConfig,
     Location,
     aws_errors,
-    kms_key,
     kms_key_arn,
     policy_lines,
 )
@@ -101,16 +100,6 @@ class SecretsManagerSinkConfig(AwsSinkConfig):
             raise ValueError("not a secret name (1-512 of letters, digits and /_+=.@-) or a Secrets Manager "
                              "secret ARN (arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME-abcdef)")
         return value
-
-    @field_validator("kms_key_id")
-    @classmethod
-    def _kms_key(cls, value: str | None) -> str | None:
-        return kms_key(value) if value is not None else None
-
-    @model_validator(mode="after")
-    def _one_place(self) -> SecretsManagerSinkConfig:
-        self.location()
-        return self
 
     @property
     def arn(self) -> re.Match[str] | None:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, Final, Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import field_validator
 
 from rotator import log
 from rotator.config import NamePair, SinkConfig
@@ -48,7 +48,6 @@ from rotator.sinks.aws_store import (
     AwsSinkConfig,
     Location,
     aws_errors,
-    kms_key,
     kms_key_arn,
     policy_lines,
 )
@@ -103,16 +102,6 @@ class SsmSinkConfig(AwsSinkConfig):
     """The two parameters (names or ARNs), one per value."""
     kms_key_id: str | None = None
     """The KMS key SecureString parameters are encrypted with; unset: aws/ssm."""
-
-    @field_validator("kms_key_id")
-    @classmethod
-    def _kms_key(cls, value: str | None) -> str | None:
-        return kms_key(value) if value is not None else None
-
-    @model_validator(mode="after")
-    def _one_place(self) -> SsmSinkConfig:
-        self.location()
-        return self
 
     def parameters(self) -> tuple[str, str]:
         """(key id parameter, secret parameter), by name."""

@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import OTHER_PROFILE_SECRET, ConfigWriter, read_profile
+from tests.conftest import OTHER_PROFILE_SECRET, AppUser, ConfigWriter, read_profile
 from tests.fakes.aws_proxy import AwsProxy, Call
 from tests.fakes.kube_api import FakeKubeApi, Request
 from tests.fakes.moto_aws import Aws
@@ -220,6 +220,21 @@ def wait_for(event: threading.Event, process: subprocess.Popen[str], timeout: fl
 def new_key_call(aws: Aws, *old: str) -> Callable[[Call], bool]:
     """An STS call signed with a key that is neither the admin's nor one of ``old``: the new key's checks."""
     return lambda c: c.action == "GetCallerIdentity" and c.access_key not in (None, aws.admin_key, *old)
+
+
+def first_probe_of_pushed_key(aws: Aws, app: AppUser) -> Callable[[Call], bool]:
+    """Matches the first STS call made with the key ``app``'s credentials file holds, once that is a new key:
+    the rotation's probe after its push (to hold it at the proxy)."""
+    seen: list[Call] = []
+
+    def match(call: Call) -> bool:
+        if seen or call.action != "GetCallerIdentity" or call.access_key in (None, aws.admin_key, app.key_id):
+            return False
+        if read_profile(app.credentials_file, "app")[0] != call.access_key:
+            return False
+        seen.append(call)
+        return True
+    return match
 
 
 def back_date(aws: Aws, user: str, minutes: int = 20) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import AppUser, ConfigWriter, assert_invariants, file_sink, read_profile, run, spawn
+from tests.crash.promise import first_probe_of_pushed_key
 from tests.fakes.aws_proxy import AwsProxy, Call, Reply
 from tests.fakes.moto_aws import Aws
 
@@ -163,17 +164,8 @@ class TestStaleOwnership:
                           "probes": [{"type": "http", "url": health.url}]}]
         first = write_config(users(), name="a.yaml", service={"lock_dir": str(tmp_path / "host-a-locks")})
         second = write_config(users(), name="b.yaml", service={"lock_dir": str(tmp_path / "host-b-locks")})
-        seen: list[Call] = []
 
-        def a_probing(call: Call) -> bool:  # A's STS probe after its push; only the first such call
-            if seen or call.action != "GetCallerIdentity" or call.access_key in (None, aws.admin_key, app.key_id):
-                return False
-            if read_profile(app.credentials_file, "app")[0] != call.access_key:
-                return False
-            seen.append(call)
-            return True
-
-        hold = proxy.hold(a_probing)
+        hold = proxy.hold(first_probe_of_pushed_key(aws, app))
         a = spawn("--config", first, "rotate", "--user", "app")
         processes.append(a)
         try:

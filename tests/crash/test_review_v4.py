@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import AppUser, ConfigWriter, assert_invariants, file_sink, read_profile, run, spawn
-from tests.crash.promise import back_date, other_host, stage_user, state_tags, wait_for
+from tests.conftest import AppUser, ConfigWriter, assert_invariants, file_sink, run, spawn
+from tests.crash.promise import back_date, first_probe_of_pushed_key, other_host, stage_user, state_tags, wait_for
 from tests.crash.test_review_v2 import InFlight
-from tests.fakes.aws_proxy import AwsProxy, Call
+from tests.fakes.aws_proxy import AwsProxy
 from tests.fakes.moto_aws import Aws
 from tests.fakes.openbao import VaultProxy
 
@@ -49,9 +49,10 @@ class TestTakeOverWhileAWriteIsInFlight:
         before the retry.
 
         Expected: the guard reads the tags again, sees the rotation is no longer A's and stops the write
-        (TakenOver); Vault keeps K0, which is Active. Observed with c12abe3: the guard trusted the read made before the take-over (under 5 s of A's monotonic time ago) and A wrote the
-        deleted KA over K0 -- then the file too: both sinks hold a key that no longer exists, and no state
-        is left for a recover to notice."""
+        (TakenOver); Vault keeps K0, which is Active. Observed with c12abe3: the guard trusted the read made
+        before the take-over (under 5 s of A's monotonic time ago) and A wrote the deleted KA over K0 -- then
+        the file too: both sinks held a key that no longer existed, and no state was left for a recover to
+        notice."""
         stage = stage_user(aws, tmp_path, "app", ("vault", "file"), vault=vault, vault_url=vault_proxy.url)
         late = InFlight(stage.old_key, released)
         late.on_vault(vault_proxy, vault, f"{vault.mount}/data/{stage.sinks[0]['path']}")
@@ -104,17 +105,8 @@ class TestATakenOverRotatorLeavesTheNewOwnersRecordAlone:
         users = [{"name": "app", "sinks": [file_sink(app)]}]
         first = write_config(users, name="a.yaml", service={"lock_dir": str(tmp_path / "host-a-locks")})
         second = write_config(users, name="b.yaml", service={"lock_dir": str(tmp_path / "host-b-locks")})
-        seen: list[Call] = []
 
-        def a_probing(call: Call) -> bool:  # A's STS probe after its push; only the first such call
-            if seen or call.action != "GetCallerIdentity" or call.access_key in (None, aws.admin_key, app.key_id):
-                return False
-            if read_profile(app.credentials_file, "app")[0] != call.access_key:
-                return False
-            seen.append(call)
-            return True
-
-        a_held = proxy.hold(a_probing)
+        a_held = proxy.hold(first_probe_of_pushed_key(aws, app))
         a = spawn("--config", first, "rotate", "--user", "app")
         processes.append(a)
         assert wait_for(a_held.arrived, a), f"A never probed: {a.communicate()[1][-600:]}"
