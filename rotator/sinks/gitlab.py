@@ -64,6 +64,7 @@ _PATH: Final = re.compile(rf"^(\d+|{_SEGMENT}(/{_SEGMENT})*)$")
 # working on after 60s. Two writes follow one read; five minutes more cover clock skew between hosts.
 _APPLIED_WITHIN: Final = timedelta(seconds=60)
 _RETRIES: Final = 3  # after a rate limit (429)
+_LONGEST_WAIT: Final = 30.0  # seconds before one of them, and a quarter more of jitter
 
 
 def _gitlab_path(value: str) -> str:
@@ -182,9 +183,11 @@ class GitlabSink(Sink[GitlabSinkConfig]):
 
     @property
     def unfenced_window(self) -> timedelta | None:
-        """GitLab cannot refuse a late write: a read and two writes, each sent within one timeout and applied,
-        if ever, within GitLab's own request limit; five minutes more for clock skew."""
-        return 3 * self.config.timeout + _APPLIED_WITHIN + timedelta(minutes=5)
+        """GitLab cannot refuse a late write: a read and two writes, each sent (with its retries after rate
+        limits, and their waits) within four timeouts and 112.5 s, and applied, if ever, within GitLab's own
+        request limit; five minutes more for clock skew."""
+        one = (_RETRIES + 1) * self.config.timeout + timedelta(seconds=_RETRIES * _LONGEST_WAIT * 1.25)
+        return 3 * one + _APPLIED_WITHIN + timedelta(minutes=5)
 
     def permissions(self) -> list[str]:
         kind, owner = self.config.owner()
@@ -302,7 +305,7 @@ class GitlabSink(Sink[GitlabSinkConfig]):
             status, retry_after, body = self._send(method, url, what=what, payload=payload)
             if status == 429 and attempt < _RETRIES:
                 told = _seconds(retry_after)
-                wait = min(2.0 ** attempt if told is None else told, 30.0)
+                wait = min(2.0 ** attempt if told is None else told, _LONGEST_WAIT)
                 shutdown.sleep(wait * (1 + random.random() / 4))  # noqa: S311 (jitter, not a secret)
                 continue
             if 200 <= status < 300 or status in accept:
