@@ -42,11 +42,12 @@ they raise ``StoreFailure`` (``Conflict`` for a version mismatch), which the bas
 from __future__ import annotations
 
 import contextlib
+import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, ClassVar, Generic, NoReturn, TypeVar
+from typing import Any, ClassVar, Final, Generic, NoReturn, TypeVar
 
 from rotator import log
 from rotator.config import SinkConfig
@@ -105,6 +106,30 @@ class Receipt:
 
     def __repr__(self) -> str:
         return f"<Receipt of {self.issuer} for {self.written_key_id}>"
+
+
+RATE_LIMIT_RETRIES: Final = 3
+"""How often a sink sends again a request its store refused for a rate limit (answered before anything of
+the request is applied, so sending it again is safe)."""
+_LONGEST_PAUSE: Final = 30.0
+
+
+def rate_limit_pause(attempt: int, retry_after: str | None) -> float:
+    """Seconds to wait before sending again, the ``attempt``-th time (from 0), a request refused for a rate
+    limit: what ``Retry-After`` says in seconds, else 1, 2, 4; at most 30, plus up to a quarter of jitter."""
+    try:
+        told = max(float(retry_after), 0.0) if retry_after else None
+    except ValueError:  # an HTTP date, or nonsense
+        told = None
+    wait = min(2.0 ** attempt if told is None else told, _LONGEST_PAUSE)
+    return wait * (1 + random.random() / 4)  # noqa: S311 (jitter, not a secret)
+
+
+def sent_within(timeout: timedelta) -> timedelta:
+    """The longest from a request's first try to its last being sent, retried after rate limits: each try
+    waits up to ``timeout`` for its answer, and each pause is at most 37.5 s. (A store's ``unfenced_window``
+    is made of these.)"""
+    return (RATE_LIMIT_RETRIES + 1) * timeout + timedelta(seconds=RATE_LIMIT_RETRIES * _LONGEST_PAUSE * 1.25)
 
 
 def _cut(snapshot: Snapshot) -> bool:

@@ -53,7 +53,7 @@ from rotator.config import Model, NamePair, RequestTimeout, SinkConfig
 from rotator.config_fields import PLACEHOLDER, HttpUrl, LocalPath
 from rotator.credentials import Credentials, Secret
 from rotator.errors import SinkError
-from rotator.sinks.base import Conflict, Sink, Snapshot, StoreFailure
+from rotator.sinks.base import Conflict, Sink, Snapshot, StoreFailure, sent_within
 from rotator.sinks.github_api import AppCredentials, GithubApi, GithubFailure, segment
 
 _NAME: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
@@ -66,9 +66,6 @@ _OVER: Final = " over "
 _GAP: Final = timedelta(seconds=2)
 _KEY_ID: Final = re.compile(r"^[A-Z0-9]{16,128}$")
 _ACCESS_CHECK: Final = "ROTATOR_ACCESS_CHECK_NOT_A_REAL_NAME"  # deleted (it never exists) to test write access
-# Each request waits `timeout` for its answer (at most 5 minutes), and a rate limit adds pauses of at most
-# 30s three times; GitHub applies what it accepted within moments. A write is four requests.
-_PER_REQUEST_PAUSES: Final = timedelta(seconds=90)
 
 
 @dataclass(frozen=True)
@@ -231,8 +228,9 @@ class GithubSink(Sink[GithubSinkConfig]):
 
     @property
     def unfenced_window(self) -> timedelta | None:
-        """GitHub cannot refuse a late write: four requests, each its timeout and rate-limit pauses."""
-        return 4 * (self.config.timeout + _PER_REQUEST_PAUSES) + timedelta(minutes=5)
+        """GitHub cannot refuse a late write: four requests, each with its retries after rate limits (GitHub
+        applies what it accepted within moments); five minutes more for clock skew."""
+        return 4 * sent_within(self.config.timeout) + timedelta(minutes=5)
 
     def _app_permissions(self) -> dict[str, str]:
         if self.config.organization is not None:

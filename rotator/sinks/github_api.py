@@ -20,7 +20,6 @@ import email.utils
 import http.client
 import json
 import os
-import random
 import threading
 import time
 import urllib.error
@@ -31,11 +30,10 @@ from urllib.parse import quote
 
 from rotator import log, shutdown
 from rotator.config_fields import expand
-from rotator.sinks.base import StoreFailure
+from rotator.sinks.base import RATE_LIMIT_RETRIES, StoreFailure, rate_limit_pause
 
 API_VERSION: Final = "2022-11-28"
 _USER_AGENT: Final = "rotator (AWS IAM access key rotation)"
-_RETRIES: Final = 3  # a rate limit (429, or 403 with a rate limit header): GitHub did not apply the request
 _TOKEN_MARGIN: Final = timedelta(minutes=5)
 _QUOTES_INPUT: Final = frozenset({400, 422})  # validation answers may repeat what the request carried
 
@@ -136,14 +134,13 @@ class GithubApi:
         """One request (again after a rate limit, which GitHub answers before applying anything)."""
         action = what or f"{method} {path}"
         token = self._token()
-        for attempt in range(_RETRIES + 1):
+        for attempt in range(RATE_LIMIT_RETRIES + 1):
             status, headers, answer = self._request(method, path, body, token, action)
             self._note_clock(headers.get("date"))
             limited = status == 429 or (status == 403 and (headers.get("retry-after") is not None
                                                            or headers.get("x-ratelimit-remaining") == "0"))
-            if limited and attempt < _RETRIES:
-                wait = min(float(headers.get("retry-after") or 2 ** attempt), 30.0)
-                shutdown.sleep(wait * (1 + random.random() / 4))  # noqa: S311 (jitter, not a secret)
+            if limited and attempt < RATE_LIMIT_RETRIES:  # a rate limit: GitHub did not apply the request
+                shutdown.sleep(rate_limit_pause(attempt, headers.get("retry-after")))
                 continue
             if status < 300:
                 return answer

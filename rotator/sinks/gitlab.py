@@ -36,7 +36,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import random
 import re
 import urllib.error
 import urllib.request
@@ -53,7 +52,15 @@ from rotator.config import NamePair, RequestTimeout, SinkConfig
 from rotator.config_fields import PLACEHOLDER, LocalPath, http_server, http_url
 from rotator.credentials import Credentials, Secret
 from rotator.errors import SinkError
-from rotator.sinks.base import Conflict, Sink, Snapshot, StoreFailure
+from rotator.sinks.base import (
+    RATE_LIMIT_RETRIES,
+    Conflict,
+    Sink,
+    Snapshot,
+    StoreFailure,
+    rate_limit_pause,
+    sent_within,
+)
 
 DEFAULT_URL: Final = "https://gitlab.com"
 _KEY: Final = re.compile(r"^[A-Za-z0-9_]{1,255}$")
@@ -63,8 +70,6 @@ _PATH: Final = re.compile(rf"^(\d+|{_SEGMENT}(/{_SEGMENT})*)$")
 # A request is sent within one timeout of the read before it; GitLab (Puma) ends a request it is still
 # working on after 60s. Two writes follow one read; five minutes more cover clock skew between hosts.
 _APPLIED_WITHIN: Final = timedelta(seconds=60)
-_RETRIES: Final = 3  # after a rate limit (429)
-_LONGEST_WAIT: Final = 30.0  # seconds before one of them, and a quarter more of jitter
 
 
 def _gitlab_path(value: str) -> str:
@@ -186,8 +191,7 @@ class GitlabSink(Sink[GitlabSinkConfig]):
         """GitLab cannot refuse a late write: a read and two writes, each sent (with its retries after rate
         limits, and their waits) within four timeouts and 112.5 s, and applied, if ever, within GitLab's own
         request limit; five minutes more for clock skew."""
-        one = (_RETRIES + 1) * self.config.timeout + timedelta(seconds=_RETRIES * _LONGEST_WAIT * 1.25)
-        return 3 * one + _APPLIED_WITHIN + timedelta(minutes=5)
+        return 3 * sent_within(self.config.timeout) + _APPLIED_WITHIN + timedelta(minutes=5)
 
     def permissions(self) -> list[str]:
         kind, owner = self.config.owner()
@@ -299,14 +303,12 @@ class GitlabSink(Sink[GitlabSinkConfig]):
               accept: tuple[int, ...] = ()) -> tuple[int, Any]:
         """(status, parsed JSON) of a 2xx answer or one in ``accept``; any other is a ``StoreFailure``, in doubt
         when a write was sent and no answer (or a server error) came back. A rate limit (429, which GitLab
-        answers before applying anything) is waited out (``Retry-After``, at most 30 s) up to ``_RETRIES``
+        answers before applying anything) is waited out (``rate_limit_pause``) up to ``RATE_LIMIT_RETRIES``
         times."""
-        for attempt in range(_RETRIES + 1):
+        for attempt in range(RATE_LIMIT_RETRIES + 1):
             status, retry_after, body = self._send(method, url, what=what, payload=payload)
-            if status == 429 and attempt < _RETRIES:
-                told = _seconds(retry_after)
-                wait = min(2.0 ** attempt if told is None else told, _LONGEST_WAIT)
-                shutdown.sleep(wait * (1 + random.random() / 4))  # noqa: S311 (jitter, not a secret)
+            if status == 429 and attempt < RATE_LIMIT_RETRIES:
+                shutdown.sleep(rate_limit_pause(attempt, retry_after))
                 continue
             if 200 <= status < 300 or status in accept:
                 return status, body
@@ -388,14 +390,6 @@ def _message(body: Any) -> str:
             if isinstance(body.get(name), str):
                 return " ".join(str(body[name]).split())
     return ""
-
-
-def _seconds(retry_after: str | None) -> float | None:
-    """``Retry-After`` in seconds (GitLab sends a number); None when absent or not a number."""
-    try:
-        return max(float(retry_after), 0.0) if retry_after else None
-    except ValueError:
-        return None
 
 
 def _reason(exc: object) -> str:
