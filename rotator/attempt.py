@@ -13,7 +13,7 @@ it any more; whatever cannot be undone is left recorded for ``rotator recover`` 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, NoReturn
@@ -129,11 +129,8 @@ class Attempt:
         for index in todo:
             sink = self.sinks[index]
             with self._step("push", key_id=new.access_key_id, sink=sink.name), shutdown.deferred():
-                window = sink.unfenced_window
-                if window is not None:  # nothing will refuse this write if it lands late: say until when it may
-                    self.journal.unsettled(self.rotation.now() + window)
                 try:
-                    self._receipts[index] = sink.write(new, guard=self._still_ours)
+                    self._receipts[index] = sink.write(new, guard=self._guard(sink.unfenced_window))
                 except (TakenOver, IamError):
                     raise  # the guard stopped the write before it was sent
                 except SinkError as exc:
@@ -375,16 +372,29 @@ class Attempt:
     def _is_active(self, key_id: str) -> bool:
         return any(k.key_id == key_id and k.active for k in self.iam.list_keys(self.user))
 
+    def _guard(self, window: timedelta | None) -> Callable[[], None]:
+        """What a sink calls right before the writes of each attempt at its store: the rotation must still be
+        this process's; and where nothing will refuse those writes if they land late (``unfenced_window``),
+        the record says until when they may, before they are sent."""
+        def guard() -> None:
+            self._still_ours()
+            if window is not None:
+                self.journal.unsettled(self.rotation.now() + window)
+        return guard
+
     def _still_ours(self) -> None:
         """Before a write to a sink or a consumer: stop (``TakenOver``) if another rotator took the rotation
         over while this process was stuck, as it would then write a key the other may have deleted."""
         if self.journal.owning and not self.journal.owned_by_this_process():
+            self.journal.lost()  # even if the rollback cannot read IAM again, it must not undo another's rotation
             raise TakenOver(f"another rotator has taken over the rotation of {self.user}; this one stops "
                             "without writing anything more")
 
     def _taken_over(self) -> bool:
         """Whether another rotator has taken over (or ended) the rotation this process recorded. Then this
         process must not touch anything: its receipts describe a world that has moved on."""
+        if self.journal.taken_over:
+            return True
         if not self.journal.owning:
             return False
         try:

@@ -209,6 +209,8 @@ class Journal:
         self._new_key_on_record = False
         """Whether recording ``new_key`` was answered: until then the record may lack it."""
         self._last_write = 0.0
+        self.taken_over = False
+        """A read found the rotation another rotator's (``lost``): this process must not touch anything more."""
 
     def begin(self, old_key: str | None) -> datetime:
         """Record intent before CreateAccessKey, so that a key created just before a crash is found."""
@@ -279,6 +281,7 @@ class Journal:
         """A read found the rotation taken over (or ended) by another rotator: this process writes nothing more
         to its record -- no heartbeat, no release, which would land on the new owner's record."""
         self.owning = False
+        self.taken_over = True
 
     def beat(self) -> None:
         """Refresh ``alive-until`` during a wait, at most every ``BEAT_EVERY`` seconds; a failure only warns

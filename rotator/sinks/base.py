@@ -189,8 +189,9 @@ class Sink(ABC, Generic[ConfigT]):
 
     @property
     def unfenced_window(self) -> timedelta | None:
-        """For a remote store that cannot fence: how long after it was sent a write may still land. None
-        for a store that can fence, and for one that only this process writes (a local file)."""
+        """For a remote store that cannot fence: how long a write may still land, counted from just before its
+        requests are sent (the ``guard`` of each attempt, when the engine records it). None for a store that
+        can fence, and for one that only this process writes (a local file)."""
         return None
 
     def _transaction(self) -> contextlib.AbstractContextManager[None]:

@@ -228,9 +228,13 @@ class GithubSink(Sink[GithubSinkConfig]):
 
     @property
     def unfenced_window(self) -> timedelta | None:
-        """GitHub cannot refuse a late write: four requests, each with its retries after rate limits (GitHub
-        applies what it accepted within moments); five minutes more for clock skew."""
-        return 4 * sent_within(self.config.timeout) + timedelta(minutes=5)
+        """GitHub cannot refuse a late write. Counted from just before a write's requests (the engine records
+        it then, for each attempt): the public key and, after a 422, again for each secret (reads, each with
+        its retries after rate limits), the record twice and each secret up to twice (writes, never sent
+        again after a rate limit: one timeout each), and the pause before the record. GitHub applies what it
+        accepted within moments; five minutes more for clock skew."""
+        return (3 * sent_within(self.config.timeout) + 6 * self.config.timeout + _GAP
+                + timedelta(minutes=5))
 
     def _app_permissions(self) -> dict[str, str]:
         if self.config.organization is not None:

@@ -131,7 +131,10 @@ class GithubApi:
             raise
 
     def send(self, method: str, path: str, body: dict[str, Any] | None = None, *, what: str | None = None) -> Any:
-        """One request (again after a rate limit, which GitHub answers before applying anything)."""
+        """One request; a read is sent again after a rate limit (which GitHub answers before applying
+        anything). A write is not: sent again after a pause, it would go out after the ownership check made
+        before the write began, and after the time the sink's ``unfenced_window`` counts; refused, it rolls
+        the rotation back."""
         action = what or f"{method} {path}"
         token = self._token()
         for attempt in range(RATE_LIMIT_RETRIES + 1):
@@ -139,7 +142,7 @@ class GithubApi:
             self._note_clock(headers.get("date"))
             limited = status == 429 or (status == 403 and (headers.get("retry-after") is not None
                                                            or headers.get("x-ratelimit-remaining") == "0"))
-            if limited and attempt < RATE_LIMIT_RETRIES:  # a rate limit: GitHub did not apply the request
+            if limited and method == "GET" and attempt < RATE_LIMIT_RETRIES:
                 shutdown.sleep(rate_limit_pause(attempt, headers.get("retry-after")))
                 continue
             if status < 300:

@@ -26,7 +26,7 @@ fails in doubt, the engine keeps the key it carried, and ``rotator recover`` set
 Rollback puts each variable's value back, or deletes a variable the write created (and recreates, with its
 flags, one that someone deleted since).
 
-A rate-limited request (429, refused before anything is applied) is sent again after its ``Retry-After``.
+A rate-limited request (429) is refused like any other: nothing of it was applied.
 Errors name the sink, the user and what GitLab said (its status, and for a refused value only which field
 it refused), never a value or the token.
 """
@@ -52,15 +52,7 @@ from rotator.config import NamePair, RequestTimeout, SinkConfig
 from rotator.config_fields import PLACEHOLDER, LocalPath, http_server, http_url
 from rotator.credentials import Credentials, Secret
 from rotator.errors import SinkError
-from rotator.sinks.base import (
-    RATE_LIMIT_RETRIES,
-    Conflict,
-    Sink,
-    Snapshot,
-    StoreFailure,
-    rate_limit_pause,
-    sent_within,
-)
+from rotator.sinks.base import Conflict, Sink, Snapshot, StoreFailure
 
 DEFAULT_URL: Final = "https://gitlab.com"
 _KEY: Final = re.compile(r"^[A-Za-z0-9_]{1,255}$")
@@ -188,10 +180,10 @@ class GitlabSink(Sink[GitlabSinkConfig]):
 
     @property
     def unfenced_window(self) -> timedelta | None:
-        """GitLab cannot refuse a late write: a read and two writes, each sent (with its retries after rate
-        limits, and their waits) within four timeouts and 112.5 s, and applied, if ever, within GitLab's own
-        request limit; five minutes more for clock skew."""
-        return 3 * sent_within(self.config.timeout) + _APPLIED_WITHIN + timedelta(minutes=5)
+        """GitLab cannot refuse a late write. Counted from just before a write's requests (the engine records it
+        then, for each attempt): two writes, each sent within one timeout and applied, if ever, within
+        GitLab's own request limit; one timeout more, and five minutes for clock skew."""
+        return 3 * self.config.timeout + _APPLIED_WITHIN + timedelta(minutes=5)
 
     def permissions(self) -> list[str]:
         kind, owner = self.config.owner()
@@ -302,22 +294,9 @@ class GitlabSink(Sink[GitlabSinkConfig]):
     def _call(self, method: str, url: str, *, what: str, payload: dict[str, Any] | None = None,
               accept: tuple[int, ...] = ()) -> tuple[int, Any]:
         """(status, parsed JSON) of a 2xx answer or one in ``accept``; any other is a ``StoreFailure``, in doubt
-        when a write was sent and no answer (or a server error) came back. A rate limit (429, which GitLab
-        answers before applying anything) is waited out (``rate_limit_pause``) up to ``RATE_LIMIT_RETRIES``
-        times."""
-        for attempt in range(RATE_LIMIT_RETRIES + 1):
-            status, retry_after, body = self._send(method, url, what=what, payload=payload)
-            if status == 429 and attempt < RATE_LIMIT_RETRIES:
-                shutdown.sleep(rate_limit_pause(attempt, retry_after))
-                continue
-            if 200 <= status < 300 or status in accept:
-                return status, body
-            raise StoreFailure(self._refused(what, status, body), in_doubt=method != "GET" and status >= 500)
-        raise AssertionError("unreachable")
-
-    def _send(self, method: str, url: str, *, what: str,
-              payload: dict[str, Any] | None) -> tuple[int, str | None, Any]:
-        """One request: its status, ``Retry-After`` and parsed JSON body."""
+        when a write was sent and no answer (or a server error) came back. A rate limit (429) is a refusal:
+        GitLab applied nothing, and the rotation rolls back rather than send a write again later, unguarded
+        and outside the time its ``unfenced_window`` counts."""
         data = json.dumps(payload).encode() if payload is not None else None
         headers = {"PRIVATE-TOKEN": self._read_token().reveal(), "Accept": "application/json"}
         if data is not None:
@@ -327,9 +306,9 @@ class GitlabSink(Sink[GitlabSinkConfig]):
         try:
             timeout = shutdown.bounded(self.config.timeout.total_seconds())
             with urllib.request.urlopen(request, timeout=timeout) as answer:  # noqa: S310
-                status, retry_after, raw = int(answer.status), answer.headers.get("Retry-After"), answer.read()
+                status, raw = int(answer.status), answer.read()
         except urllib.error.HTTPError as exc:
-            status, retry_after, raw = exc.code, exc.headers.get("Retry-After"), exc.read()
+            status, raw = exc.code, exc.read()
         except urllib.error.URLError as exc:  # connecting or sending failed: GitLab got no whole request
             raise StoreFailure(f"{what}: cannot reach {self.config.url}: {_reason(exc.reason)}") from None
         except (OSError, http.client.HTTPException) as exc:  # sent, and no answer came
@@ -339,7 +318,9 @@ class GitlabSink(Sink[GitlabSinkConfig]):
             body = json.loads(raw) if raw else None
         except ValueError:
             body = None
-        return status, retry_after, body
+        if 200 <= status < 300 or status in accept:
+            return status, body
+        raise StoreFailure(self._refused(what, status, body), in_doubt=writing and status >= 500)
 
     def _refused(self, what: str, status: int, body: Any) -> str:
         kind, owner = self.config.owner()

@@ -233,7 +233,7 @@ class FakeGitlab:
         handler.send_response(status)
         handler.send_header("Content-Type", "application/json")
         if status == 429:  # GitLab's rate limits say when to come back
-            handler.send_header("Retry-After", "1")
+            handler.send_header("Retry-After", "60")
         handler.send_header("Content-Length", str(len(data)))
         handler.end_headers()
         handler.wfile.write(data)
