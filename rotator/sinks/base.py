@@ -109,8 +109,9 @@ class Receipt:
 
 
 RATE_LIMIT_RETRIES: Final = 3
-"""How often a sink sends again a request its store refused for a rate limit (answered before anything of
-the request is applied, so sending it again is safe)."""
+"""How often a sink sends again a read its store refused for a rate limit. A write is never sent again: after
+the pause it would go out unguarded by the ownership check made before the write began, and later than the
+store's ``unfenced_window`` counts; refused, the rotation rolls back."""
 _LONGEST_PAUSE: Final = 30.0
 
 
