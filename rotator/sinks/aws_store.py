@@ -143,8 +143,9 @@ class AwsSinkConfig(SinkConfig):
         return self
 
     def location(self) -> Location:
-        """Where the store is (``located`` from the ARNs the sink was given as)."""
-        raise NotImplementedError
+        """Where the store is: ``located`` from the ARNs the sink was given as (a sink given none: from its
+        ``region`` and ``account`` alone)."""
+        return self.located([])
 
     def located(self, arns: list[tuple[str, str, str]]) -> Location:
         """The store's location from the (partition, region, account) of each ARN it was given as, the
