@@ -147,7 +147,7 @@ class GithubApi:
                 continue
             if status < 300:
                 return answer
-            raise self._failure(status, answer, action, method)
+            raise self._failure(status, answer, action, method, limit=_limit(headers) if limited else None)
         raise AssertionError("unreachable")
 
     def _note_clock(self, date: str | None) -> None:
@@ -178,12 +178,17 @@ class GithubApi:
             raise GithubFailure(f"{action}: no answer from {self.api_url} ({type(exc).__name__})", status=0,
                                 in_doubt=method != "GET") from None
 
-    def _failure(self, status: int, answer: Any, action: str, method: str) -> GithubFailure:
+    def _failure(self, status: int, answer: Any, action: str, method: str, *,
+                 limit: str | None = None) -> GithubFailure:
+        """``limit``: the request met a rate limit (what GitHub said of when it ends), which is no permission
+        problem: nothing of the request was applied."""
         said = answer.get("message") if isinstance(answer, dict) else None
         said = "" if status in _QUOTES_INPUT or not isinstance(said, str) else " ".join(log.redact(said).split())[:200]
         hint = {401: f"GitHub does not accept {self.describe_auth()}",
                 403: f"{self.describe_auth()} may not do this (see `rotator permissions`)",
                 404: f"not found, or {self.describe_auth()} may not see it"}.get(status, "")
+        if limit is not None:
+            hint = f"GitHub's rate limit for {self.describe_auth()}{limit}; nothing of it was applied"
         parts = [p for p in (hint, said and f"GitHub says: {said}") if p]
         return GithubFailure(f"{action} failed: {status}" + (f" ({'; '.join(parts)})" if parts else ""),
                              status=status, in_doubt=status >= 500 and method != "GET")
@@ -243,6 +248,16 @@ def _json(raw: bytes) -> Any:
         return json.loads(raw)
     except ValueError:
         return None
+
+
+def _limit(headers: dict[str, str]) -> str:
+    """When a rate limit ends, as GitHub's answer says: `` (again after N s)`` or `` (until HH:MM:SS UTC)``."""
+    after, reset = headers.get("retry-after"), headers.get("x-ratelimit-reset")
+    if after and after.isdigit():
+        return f" (again after {after} s)"
+    if reset and reset.isdigit():
+        return f" (until {datetime.fromtimestamp(int(reset), UTC).strftime('%H:%M:%S')} UTC)"
+    return ""
 
 
 def _gh_token() -> str:

@@ -221,6 +221,12 @@ class FakeGithub:
         with self._lock:
             self._faults.append((match, "fail", status, [times]))
 
+    def rate_limit(self, match: Callable[[Request], bool], *, times: int = 1) -> None:
+        """Answer as GitHub does when the token's primary rate limit is used up: 403, no requests left until
+        the reset an hour from now (nothing of the request is applied)."""
+        with self._lock:
+            self._faults.append((match, "limit", 403, [times]))
+
     def lose(self, match: Callable[[Request], bool], *, times: int = 1) -> None:
         with self._lock:
             self._faults.append((match, "lose", 0, [times]))
@@ -264,6 +270,10 @@ class FakeGithub:
                 return
         if fault and fault[0] == "fail":
             self._answer(handler, request, fault[1], {"message": "Server Error"})
+            return
+        if fault and fault[0] == "limit":
+            reset = {"x-ratelimit-remaining": "0", "x-ratelimit-reset": str(int(time.time()) + 3600)}
+            self._answer(handler, request, fault[1], {"message": "API rate limit exceeded"}, reset)
             return
         with self._lock:
             status, answer, headers = self._handle(request)

@@ -393,6 +393,27 @@ class TestRefusals:
         assert aws.keys("app") == {app.key_id: "Active"}
         assert_no_secret_in(result.output + result.stderr + checked.output, proxy, app.secret)
 
+    def test_a_rate_limited_write_is_refused_as_a_rate_limit_and_changes_nothing(
+        self, aws: Aws, app: AppUser, write_config: ConfigWriter, github: FakeGithub
+    ) -> None:
+        """The token's rate limit is used up when the first secret is written (403, no requests left until
+        the reset): the write is not sent again (it would go out unguarded, past the unsettled window), so
+        the rotation rolls back (exit 1, invariant 1: everything as before), and the error says it is the
+        rate limit and when it ends, not a missing permission."""
+        seed(github, app)
+        github.rate_limit(secret_put(KEY_ID))
+        config = write_config([{"name": "app", "sinks": [sink(github)]}])
+
+        result = run("--config", config, "rotate", "--user", "app")
+
+        assert result.exit_code == 1, result.stderr
+        assert "GitHub's rate limit for GITHUB_TOKEN (until " in result.stderr, result.stderr
+        assert "rotator permissions" not in result.stderr, result.stderr
+        assert [r for r in github.requests if r.method == "PUT" and r.name == KEY_ID][1:] == [], "sent again"
+        assert github.secrets(REPO) == {KEY_ID: app.key_id, SECRET: app.secret}
+        assert github.variables(REPO) == {RECORD: app.key_id}
+        assert aws.keys("app") == {app.key_id: "Active"}
+
     def test_secrets_without_a_record_are_not_written_over(
         self, aws: Aws, app: AppUser, write_config: ConfigWriter, github: FakeGithub
     ) -> None:
